@@ -1,0 +1,218 @@
+"""Configuration schemas for server, client and job files, and the one YAML loader.
+
+Every setting lives here with its default, unit and meaning; call sites read typed
+attributes and never supply defaults of their own. Files are validated once, at the CLI
+edge, and an invalid file becomes one ``ConfigError`` naming the file, the field and
+what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from common.errors import ConfigError
+from common.timeouts import DEFAULT_TRAIN_TIMEOUT_S, Timeouts
+
+MIB = 1024 * 1024
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TransferSettings(_Frozen):
+    """How models move: in segments, several in flight, through bounded buffers."""
+
+    segment_mib: PositiveInt = Field(
+        32, le=1024, description="MiB per segment: the unit of acknowledgement and resume."
+    )
+    window: PositiveInt = Field(
+        4, le=64, description="Segments in flight at once, each on its own connection."
+    )
+    max_segment_attempts: PositiveInt = Field(
+        5, description="Tries per segment before the transfer fails (digest errors, drops)."
+    )
+    io_chunk_kib: PositiveInt = Field(
+        1024, le=65536, description="KiB handed to the disk writer at a time."
+    )
+
+    @property
+    def segment_bytes(self) -> int:
+        return self.segment_mib * MIB
+
+    @property
+    def io_chunk_bytes(self) -> int:
+        return self.io_chunk_kib * 1024
+
+
+class ServerConfig(_Frozen):
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8470, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    workspace: Path = Field(description="Directory for the state database and model files.")
+    timeouts: Timeouts = Timeouts()
+    transfer: TransferSettings = TransferSettings()
+    client_gone_after_s: PositiveFloat = Field(
+        60.0, description="Seconds without a heartbeat after which a client counts as gone."
+    )
+    long_poll_s: PositiveFloat = Field(
+        20.0, le=600, description="Longest wait of a get_task call before it answers 'no task'."
+    )
+    aggregation_chunk_mib: PositiveInt = Field(
+        8, le=1024, description="MiB of one tensor folded into the accumulator at a time."
+    )
+    shutdown_timeout_s: PositiveFloat = Field(
+        30.0, description="Seconds SIGTERM waits for in-flight requests before closing them."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ClientConfig(_Frozen):
+    name: SiteName = Field(description="Site name; must be unique in the project.")
+    server_url: str = Field(
+        pattern=r"^https?://", description="Base URL of the server, e.g. http://host:8470."
+    )
+    workspace: Path = Field(description="Directory for downloaded models and updates.")
+    num_samples: PositiveInt = Field(
+        1, description="Local sample count, the weight of this site's updates."
+    )
+    timeouts: Timeouts = Timeouts()
+    transfer: TransferSettings = TransferSettings()
+    heartbeat_interval_s: PositiveFloat = Field(10.0, description="Seconds between heartbeats.")
+    retry_backoff_max_s: PositiveFloat = Field(
+        10.0, description="Longest pause between reconnect attempts to the server."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AdminConfig(_Frozen):
+    server_url: str = Field(pattern=r"^https?://")
+    timeouts: Timeouts = Timeouts()
+
+
+class GeneratedModel(_Frozen):
+    """An initial model the server generates, tensor by tensor, chunk by chunk."""
+
+    kind: Literal["generated"] = "generated"
+    num_tensors: PositiveInt = Field(le=100_000)
+    tensor_mib: PositiveFloat | None = Field(
+        None, description="Size of each tensor in MiB (1-D). Exclusive with tensor_shape."
+    )
+    tensor_shape: list[PositiveInt] | None = Field(None, description="Shape of each tensor.")
+    dtype: Literal["float32", "float64", "float16"] = "float32"
+    init: Literal["normal", "zeros", "arange"] = "normal"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_size(self) -> GeneratedModel:
+        if (self.tensor_mib is None) == (self.tensor_shape is None):
+            raise ValueError("give exactly one of tensor_mib or tensor_shape")
+        return self
+
+
+class FileModel(_Frozen):
+    """An initial model read from a safetensors file on the server's disk."""
+
+    kind: Literal["file"] = "file"
+    path: Path
+
+
+class TrainerSpec(_Frozen):
+    name: str = Field(
+        "add_epsilon",
+        description="'add_epsilon' or a dotted path 'package.module:factory' to a plugin.",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobConfig(_Frozen):
+    name: SiteName
+    num_rounds: PositiveInt = Field(le=100_000)
+    min_clients: PositiveInt = Field(description="Updates needed to close a round.")
+    clients: list[SiteName] | None = Field(
+        None, description="Only these sites take part; default: every connected site."
+    )
+    train_timeout: PositiveFloat | None = Field(
+        DEFAULT_TRAIN_TIMEOUT_S,
+        description=(
+            "Seconds the controller waits for a client's result while its task makes no "
+            "progress (no bytes moved, no training progress reported)."
+        ),
+    )
+    wait_for_clients_s: PositiveFloat | None = Field(
+        None, description="Fail the job if min_clients are not connected within this time."
+    )
+    model: Annotated[GeneratedModel | FileModel, Field(discriminator="kind")]
+    trainer: TrainerSpec = TrainerSpec()
+
+    @model_validator(mode="after")
+    def _enough_clients(self) -> JobConfig:
+        if self.clients is not None and len(self.clients) < self.min_clients:
+            raise ValueError(
+                f"min_clients is {self.min_clients} but only {len(self.clients)} clients listed"
+            )
+        return self
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the configuration reference)"
+        elif e["type"] == "missing":
+            msg = "required but missing"
+        got = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, model: type[M], *, source: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]["loc"] if err.errors() else ()
+        raise ConfigError(
+            format_validation_error(source, err), field=".".join(str(p) for p in first) or None
+        ) from None
+
+
+def load_yaml(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_config(path: Path, model: type[M]) -> M:
+    return parse_config(load_yaml(path), model, source=str(path))

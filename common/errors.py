@@ -1,0 +1,127 @@
+"""One exception tree for the whole project.
+
+    FLError                      any failure we can explain to a user
+    ├── ConfigError              a YAML file or setting is invalid (exit, no traceback)
+    ├── RequestError             a request is malformed or refers to something wrong (4xx)
+    │   ├── NotFound             unknown job, task, client or model (404)
+    │   ├── Forbidden            the caller may not do this (403)
+    │   ├── Conflict             the request clashes with current state (409)
+    │   │   └── TaskExpired      the task's round has closed (410)
+    │   └── UpdateRejected       an update failed verification (422)
+    ├── TransferError            moving bytes failed
+    │   ├── TransferTimeout      a progress timer fired (names the stage and peer)
+    │   ├── IntegrityError       a digest did not match
+    │   └── ResumeMismatch       the two sides disagree on what was already moved
+    ├── ModelFormatError         a model file is not valid safetensors / not as declared
+    └── JobError                 a job cannot go on (quorum lost, aborted, ...)
+
+Every error carries a machine code, an HTTP status and, where it applies, the field it
+is about. On the wire an error is ``{"code", "message", "field"}``; ``from_wire`` turns
+it back into the same class on the other side, so a client sees the server's words.
+Foreign errors (aiohttp, OSError, numpy) are translated once, at the edge, with
+``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FLError(Exception):
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(FLError):
+    code = "config_invalid"
+    http_status = 400
+
+
+class RequestError(FLError):
+    code = "bad_request"
+    http_status = 400
+
+
+class NotFound(RequestError):
+    code = "not_found"
+    http_status = 404
+
+
+class Forbidden(RequestError):
+    code = "forbidden"
+    http_status = 403
+
+
+class Conflict(RequestError):
+    code = "conflict"
+    http_status = 409
+
+
+class TaskExpired(Conflict):
+    code = "task_expired"
+    http_status = 410
+
+
+class UpdateRejected(RequestError):
+    code = "update_rejected"
+    http_status = 422
+
+
+class TransferError(FLError):
+    code = "transfer_failed"
+    http_status = 502
+
+
+class TransferTimeout(TransferError):
+    code = "transfer_timeout"
+    http_status = 504
+
+
+class IntegrityError(TransferError):
+    code = "integrity_error"
+    http_status = 422
+
+
+class ResumeMismatch(TransferError):
+    code = "resume_mismatch"
+    http_status = 409
+
+
+class ModelFormatError(FLError):
+    code = "model_format"
+    http_status = 422
+
+
+class JobError(FLError):
+    code = "job_failed"
+    http_status = 409
+
+
+def _all_subclasses(cls: type[FLError]) -> list[type[FLError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[FLError]] = {c.code: c for c in _all_subclasses(FLError)}
+
+
+def from_wire(payload: object, *, status: int) -> FLError:
+    """Rebuild the server's error on the caller's side; unknown shapes become FLError."""
+    if isinstance(payload, dict) and isinstance(payload.get("message"), str):
+        cls = _BY_CODE.get(str(payload.get("code")), FLError)
+        field = payload.get("field")
+        return cls(payload["message"], field=field if isinstance(field, str) else None)
+    return FLError(f"server answered HTTP {status} without an error body")

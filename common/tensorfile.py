@@ -1,0 +1,229 @@
+"""The model file format: safetensors layout, and the manifest that describes a file.
+
+A file is an 8-byte little-endian header length N, N bytes of JSON header (padded with
+spaces to a multiple of 8), then the raw little-endian tensor bytes, contiguous, in the
+order of the header's ``data_offsets``. Anyone can open it with
+``safetensors.numpy.load_file``. This module is pure: bytes and values in, values out.
+
+The manifest adds what moving the file needs: its size, the segment size, one digest
+per segment and the whole digest. It travels as JSON in tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.errors import ModelFormatError, UpdateRejected
+
+HEADER_LEN_BYTES = 8
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+FORMAT_VERSION = 1
+
+_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_ST_BY_NUMPY = {v: k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16"})
+
+
+def numpy_dtype(st_dtype: str) -> np.dtype[np.generic]:
+    try:
+        return np.dtype(_DTYPES[st_dtype]).newbyteorder("<")
+    except KeyError:
+        raise ModelFormatError(
+            f"unsupported tensor dtype {st_dtype!r}; supported: {', '.join(_DTYPES)}"
+        ) from None
+
+
+def st_dtype(dtype: np.dtype[np.generic] | str) -> str:
+    name = np.dtype(dtype).name
+    try:
+        return _ST_BY_NUMPY[name]
+    except KeyError:
+        raise ModelFormatError(f"unsupported numpy dtype {name!r}") from None
+
+
+class TensorSpec(BaseModel):
+    """One tensor: ``begin``/``end`` are byte offsets relative to the start of the data."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def np_dtype(self) -> np.dtype[np.generic]:
+        return numpy_dtype(self.dtype)
+
+
+class Layout(BaseModel):
+    """Where every tensor lies in a file; equal layouts mean byte-compatible files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tensors: tuple[TensorSpec, ...]
+    data_offset: int = Field(description="Bytes before the first tensor byte (8 + header).")
+
+    @property
+    def data_bytes(self) -> int:
+        return self.tensors[-1].end if self.tensors else 0
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.data_bytes
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise ModelFormatError(f"no tensor named {name!r} in the model")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = FORMAT_VERSION
+    layout: Layout
+    segment_bytes: int = Field(gt=0)
+    segment_digests: tuple[str, ...]
+    digest: str
+
+    @property
+    def file_size(self) -> int:
+        return self.layout.file_size
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segment_digests)
+
+
+def plan_layout(
+    tensors: Sequence[tuple[str, str, Sequence[int]]],
+    metadata: dict[str, str] | None = None,
+) -> tuple[Layout, bytes]:
+    """Lay out tensors ``(name, st_dtype, shape)`` in order; return layout and header bytes."""
+    names = [n for n, _, _ in tensors]
+    if len(set(names)) != len(names):
+        raise ModelFormatError("tensor names must be unique")
+    specs: list[TensorSpec] = []
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    pos = 0
+    for name, dtype, shape in tensors:
+        if name == "__metadata__":
+            raise ModelFormatError("'__metadata__' is reserved and cannot name a tensor")
+        size = math.prod(shape) * numpy_dtype(dtype).itemsize
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape), begin=pos, end=pos + size))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    return Layout(tensors=tuple(specs), data_offset=len(head)), head
+
+
+def header_length(prefix: bytes) -> int:
+    if len(prefix) < HEADER_LEN_BYTES:
+        raise ModelFormatError("file is shorter than the 8-byte safetensors header length")
+    (n,) = struct.unpack("<Q", prefix[:HEADER_LEN_BYTES])
+    if n > MAX_HEADER_BYTES:
+        raise ModelFormatError(f"header length {n} exceeds the {MAX_HEADER_BYTES} byte limit")
+    return int(n)
+
+
+def parse_header(head: bytes, *, file_size: int) -> Layout:
+    """Parse and validate the header bytes (length prefix included) of a file."""
+    n = header_length(head)
+    if len(head) < HEADER_LEN_BYTES + n:
+        raise ModelFormatError("file ends inside its header")
+    try:
+        obj = json.loads(head[HEADER_LEN_BYTES : HEADER_LEN_BYTES + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ModelFormatError("header must be a JSON object")
+    specs: list[TensorSpec] = []
+    for name, entry in obj.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFormatError(f"tensor {name!r}: header entry is malformed") from None
+        spec = TensorSpec(name=name, dtype=dtype, shape=shape, begin=begin, end=end)
+        if spec.numel * spec.np_dtype.itemsize != spec.nbytes:
+            raise ModelFormatError(
+                f"tensor {name!r}: shape {list(shape)} of {dtype} needs "
+                f"{spec.numel * spec.np_dtype.itemsize} bytes, offsets give {spec.nbytes}"
+            )
+        specs.append(spec)
+    specs.sort(key=lambda s: (s.begin, s.end))
+    pos = 0
+    for s in specs:
+        if s.begin != pos:
+            raise ModelFormatError(f"tensor {s.name!r}: data is not contiguous at byte {pos}")
+        pos = s.end
+    layout = Layout(tensors=tuple(specs), data_offset=HEADER_LEN_BYTES + n)
+    if layout.file_size != file_size:
+        raise ModelFormatError(
+            f"file is {file_size} bytes but its header describes {layout.file_size}"
+        )
+    return layout
+
+
+def check_same_layout(got: Layout, expected: Layout) -> None:
+    """Reject an update whose tensors differ from the task's model, naming the first difference."""
+    want = {t.name: t for t in expected.tensors}
+    have = {t.name: t for t in got.tensors}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing:
+        raise UpdateRejected(f"update is missing tensor(s) {missing}", field="tensors")
+    if extra:
+        raise UpdateRejected(f"update has unexpected tensor(s) {extra}", field="tensors")
+    for name, w in want.items():
+        h = have[name]
+        if h.dtype != w.dtype:
+            raise UpdateRejected(
+                f"tensor {name!r} has dtype {h.dtype}, expected {w.dtype}", field="tensors"
+            )
+        if h.shape != w.shape:
+            raise UpdateRejected(
+                f"tensor {name!r} has shape {list(h.shape)}, expected {list(w.shape)}",
+                field="tensors",
+            )
+    if got != expected:
+        raise UpdateRejected("update's tensors are laid out differently from the model's")
+
+
+def element_window(spec: TensorSpec, max_bytes: int) -> int:
+    """Elements per chunk when walking a tensor in chunks of at most ``max_bytes``."""
+    return max(1, max_bytes // spec.np_dtype.itemsize)
