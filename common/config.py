@@ -37,9 +37,6 @@ class _Frozen(BaseModel):
 class TransferSettings(_Frozen):
     """How models move: in segments, several in flight, through bounded buffers."""
 
-    segment_mib: PositiveInt = Field(
-        32, le=1024, description="MiB per segment: the unit of acknowledgement and resume."
-    )
     window: PositiveInt = Field(
         4, le=64, description="Segments in flight at once, each on its own connection."
     )
@@ -49,10 +46,6 @@ class TransferSettings(_Frozen):
     io_chunk_kib: PositiveInt = Field(
         1024, le=65536, description="KiB handed to the disk writer at a time."
     )
-
-    @property
-    def segment_bytes(self) -> int:
-        return self.segment_mib * MIB
 
     @property
     def io_chunk_bytes(self) -> int:
@@ -65,6 +58,14 @@ class ServerConfig(_Frozen):
     workspace: Path = Field(description="Directory for the state database and model files.")
     timeouts: Timeouts = Timeouts()
     transfer: TransferSettings = TransferSettings()
+    segment_mib: PositiveInt = Field(
+        32,
+        le=1024,
+        description=(
+            "MiB per segment of every model and update this server moves: the unit of "
+            "acknowledgement, digest and resume."
+        ),
+    )
     client_gone_after_s: PositiveFloat = Field(
         60.0, description="Seconds without a heartbeat after which a client counts as gone."
     )
@@ -78,6 +79,10 @@ class ServerConfig(_Frozen):
         30.0, description="Seconds SIGTERM waits for in-flight requests before closing them."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def segment_bytes(self) -> int:
+        return self.segment_mib * MIB
 
     @property
     def url(self) -> str:

@@ -12,6 +12,7 @@
     │   ├── TransferTimeout      a progress timer fired (names the stage and peer)
     │   ├── IntegrityError       a digest did not match
     │   └── ResumeMismatch       the two sides disagree on what was already moved
+    ├── ProtocolError            the peer answered something the protocol does not allow
     ├── ModelFormatError         a model file is not valid safetensors / not as declared
     └── JobError                 a job cannot go on (quorum lost, aborted, ...)
 
@@ -96,6 +97,11 @@ class IntegrityError(TransferError):
 class ResumeMismatch(TransferError):
     code = "resume_mismatch"
     http_status = 409
+
+
+class ProtocolError(FLError):
+    code = "protocol_error"
+    http_status = 502
 
 
 class ModelFormatError(FLError):

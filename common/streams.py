@@ -1,0 +1,108 @@
+"""Receiving one segment from the network straight to disk through a bounded hand-over.
+
+Theory of operation. Network chunks (as aiohttp hands them over, no copy) are gathered
+into a batch of at most ``batch_bytes``; a full batch goes to a worker thread that
+``pwritev``s it at its file offset and feeds the segment hasher. At most one batch is
+being written while the next one fills, so memory per segment stream is bounded by
+about two batches plus aiohttp's own read buffer, which pauses the socket when full.
+If the writer has not taken a batch within ``streaming_read_timeout`` the stream is
+declared stuck. The segment's digest is computed on the bytes as they were written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import xxhash
+
+from common.errors import RequestError, TransferError, TransferTimeout
+from common.timeouts import ProgressTimer
+
+
+class SegmentTooLong(RequestError):
+    code = "segment_too_long"
+    http_status = 413
+
+
+class SegmentTruncated(TransferError):
+    code = "segment_truncated"
+    http_status = 400
+
+
+def _write_batch(fd: int, pos: int, batch: list[bytes], hasher: xxhash.xxh3_64) -> None:
+    views = [memoryview(b) for b in batch]
+    while views:
+        n = os.pwritev(fd, views, pos)
+        pos += n
+        while views and n >= views[0].nbytes:
+            hasher.update(views[0])
+            n -= views[0].nbytes
+            views.pop(0)
+        if n:
+            hasher.update(views[0][:n])
+            views[0] = views[0][n:]
+
+
+async def receive_segment(
+    chunks: AsyncIterator[bytes],
+    fd: int,
+    start: int,
+    length: int,
+    *,
+    timer: ProgressTimer,
+    read_timeout_s: float | None,
+    batch_bytes: int,
+) -> str:
+    """Write exactly ``length`` bytes from ``chunks`` at ``start`` of ``fd``; return xxh3."""
+    hasher = xxhash.xxh3_64()
+    pending: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    filled = 0
+    pos = start
+    received = 0
+
+    async def hand_over() -> None:
+        nonlocal pending, batch, filled, pos
+        if pending is not None:
+            try:
+                async with asyncio.timeout(read_timeout_s):
+                    await asyncio.shield(pending)
+            except TimeoutError:
+                raise TransferTimeout(
+                    f"a received chunk waited more than streaming_read_timeout="
+                    f"{read_timeout_s:g} s for the disk writer; the disk is stuck or overloaded"
+                ) from None
+        pending = asyncio.ensure_future(asyncio.to_thread(_write_batch, fd, pos, batch, hasher))
+        pos += filled
+        batch, filled = [], 0
+
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            timer.progress(len(chunk))
+            if received > length:
+                raise SegmentTooLong(
+                    f"segment body is longer than the {length} bytes it must hold"
+                )
+            batch.append(chunk)
+            filled += len(chunk)
+            if filled >= batch_bytes:
+                await hand_over()
+        if received < length:
+            raise SegmentTruncated(
+                f"segment body ended after {received} of {length} bytes (connection cut?)"
+            )
+        if batch:
+            await hand_over()
+        if pending is not None:
+            await asyncio.shield(pending)
+    finally:
+        # never let a thread write into an fd the caller is about to close
+        if pending is not None and not pending.done():
+            try:
+                await asyncio.shield(pending)
+            except Exception:  # noqa: BLE001 - the original error wins
+                pass
+    return str(hasher.hexdigest())

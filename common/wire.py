@@ -1,0 +1,172 @@
+"""The HTTP API: routes and the JSON bodies they exchange.
+
+Model bytes never travel as JSON: models are fetched with range requests from
+``model_url`` and updates are uploaded as raw segment bodies. Everything here is small.
+A client names itself in the ``X-FL-Client`` header; with mutual TLS the certificate
+decides instead. Errors are ``{"code", "message", "field"}`` (see ``common.errors``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+
+from common.config import JobConfig, TrainerSpec
+from common.tensorfile import Manifest
+
+API = "/v1"
+CLIENT_HEADER = "X-FL-Client"
+DIGEST_HEADER = "X-FL-Digest"
+
+# client routes
+HEARTBEAT = API + "/clients/{client}/heartbeat"
+GET_TASK = API + "/clients/{client}/task"
+TASK_MODEL = API + "/tasks/{task_id}/model"
+UPLOAD_STATUS = API + "/tasks/{task_id}/upload"
+UPLOAD_SEGMENT = API + "/tasks/{task_id}/upload/{index}"
+COMMIT = API + "/tasks/{task_id}/commit"
+# admin routes
+JOBS = API + "/admin/jobs"
+JOB = API + "/admin/jobs/{job_id}"
+JOB_ABORT = API + "/admin/jobs/{job_id}/abort"
+JOB_MODEL = API + "/admin/jobs/{job_id}/model"
+CLIENTS = API + "/admin/clients"
+HEALTH = API + "/health"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"  # waiting for min_clients / preparing the initial model
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+class TaskState(enum.StrEnum):
+    ASSIGNED = "assigned"  # issued, result not yet committed
+    COMMITTED = "committed"  # update verified and folded into the round's aggregate
+    REJECTED = "rejected"  # update failed verification; the round goes on without it
+    EXPIRED = "expired"  # the round closed without this task's result
+
+
+class Phase(enum.StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    DONE = "done"
+
+
+class Heartbeat(_Wire):
+    task_id: str | None = None
+    phase: Phase = Phase.IDLE
+    bytes_done: NonNegativeInt = 0
+    bytes_total: NonNegativeInt = 0
+
+
+class HeartbeatReply(_Wire):
+    server_time: float
+
+
+class Task(_Wire):
+    task_id: str
+    job_id: str
+    job_name: str
+    round: PositiveInt
+    num_rounds: PositiveInt
+    trainer: TrainerSpec
+    manifest: Manifest
+    model_url: str
+
+
+class TaskReply(_Wire):
+    task: Task | None = None
+    retry_after_s: float = 0.0
+
+
+class UploadStatus(_Wire):
+    task_id: str
+    file_size: int
+    segment_bytes: int
+    num_segments: int
+    segments_done: list[int]
+
+
+class SegmentAck(_Wire):
+    index: int
+    start: int
+    end: int
+    digest: str
+    committed_bytes: int = Field(description="Bytes of the update the server now holds.")
+
+
+class CommitRequest(_Wire):
+    digest: str = Field(min_length=1)
+    num_samples: PositiveInt
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class CommitReply(_Wire):
+    task_id: str
+    state: TaskState
+
+
+class SubmitJob(_Wire):
+    config: JobConfig
+
+
+class JobSubmitted(_Wire):
+    job_id: str
+
+
+class TaskInfo(_Wire):
+    task_id: str
+    client: str
+    round: int
+    state: TaskState
+    phase: Phase
+    bytes_done: int
+    bytes_total: int
+    num_samples: int | None = None
+    reason: str | None = None
+
+
+class RoundInfo(_Wire):
+    round: int
+    state: Literal["open", "closed"]
+    started_at: float
+    closed_at: float | None = None
+    num_updates: int = 0
+
+
+class JobInfo(_Wire):
+    job_id: str
+    name: str
+    state: JobState
+    round: int = Field(description="Rounds completed so far.")
+    num_rounds: int
+    reason: str | None = None
+    created_at: float
+    updated_at: float
+    model_bytes: int = 0
+
+
+class JobStatus(_Wire):
+    job: JobInfo
+    rounds: list[RoundInfo]
+    tasks: list[TaskInfo]
+
+
+class ClientInfo(_Wire):
+    name: str
+    last_seen: float
+    seconds_since_seen: float
+    alive: bool
+    phase: Phase
+    task_id: str | None = None

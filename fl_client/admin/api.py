@@ -1,0 +1,182 @@
+"""Typed admin calls against the server, shared by ``fl-admin`` and ``fl-poc``.
+
+Small replies go through ``Api.call``; list replies use ``RootModel`` wrappers so they
+validate the same way. The model download is the one call that moves bulk bytes: it
+streams the body to ``FILE.part`` in batches written from a thread, so memory stays at
+one batch whatever the model size, and only a complete file is renamed into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import RootModel
+
+from common import wire
+from common.config import JobConfig
+from common.errors import FLError, ProtocolError, TransferError
+from common.timeouts import ProgressTimer, Stage
+from fl_client.http import Api, raise_for_error
+
+BATCH_BYTES = 4 * 1024 * 1024
+POLL_S = 0.5
+TERMINAL_STATES = frozenset({wire.JobState.FINISHED, wire.JobState.FAILED, wire.JobState.ABORTED})
+
+T = TypeVar("T")
+
+
+class JobList(RootModel[list[wire.JobInfo]]):
+    pass
+
+
+class ClientList(RootModel[list[wire.ClientInfo]]):
+    pass
+
+
+def _job_path(route: str, job_id: str) -> str:
+    # The id comes from the command line: quote it so it cannot change the route.
+    return route.format(job_id=quote(job_id, safe=""))
+
+
+def _required(reply: T | None, what: str) -> T:
+    if reply is None:
+        raise ProtocolError(f"{what}: the server sent no answer")
+    return reply
+
+
+async def submit(api: Api, config: JobConfig) -> wire.JobSubmitted:
+    reply = await api.call("POST", wire.JOBS, wire.JobSubmitted, body=wire.SubmitJob(config=config))
+    return _required(reply, "submit")
+
+
+async def list_jobs(api: Api) -> JobList:
+    return _required(await api.call("GET", wire.JOBS, JobList), "list jobs")
+
+
+async def job_status(api: Api, job_id: str) -> wire.JobStatus:
+    reply = await api.call("GET", _job_path(wire.JOB, job_id), wire.JobStatus)
+    return _required(reply, "job status")
+
+
+async def abort(api: Api, job_id: str) -> wire.JobInfo:
+    reply = await api.call("POST", _job_path(wire.JOB_ABORT, job_id), wire.JobInfo)
+    return _required(reply, "abort")
+
+
+async def list_clients(api: Api) -> ClientList:
+    return _required(await api.call("GET", wire.CLIENTS, ClientList), "list clients")
+
+
+async def wait_for_job(
+    api: Api, job_id: str, on_status: Callable[[wire.JobStatus], None]
+) -> wire.JobStatus:
+    """Poll until the job ends; the caller bounds the wait with ``asyncio.timeout``.
+
+    Polling because the API has no push channel for job events; ``on_status`` sees
+    every reply, so callers can report progress as it happens.
+    """
+    while True:
+        status = await job_status(api, job_id)
+        on_status(status)
+        if status.job.state in TERMINAL_STATES:
+            return status
+        await asyncio.sleep(POLL_S)
+
+
+class RoundProgress:
+    """Prints ``round k/N`` once per change of the completed-round count."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self._prefix = prefix
+        self._last: int | None = None
+
+    def __call__(self, status: wire.JobStatus) -> None:
+        job = status.job
+        if job.round != self._last:
+            self._last = job.round
+            print(f"{self._prefix}round {job.round}/{job.num_rounds}", flush=True)
+
+
+async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None) -> int:
+    """Stream the job's model (the latest, or the one after ``round``) to ``dest``.
+
+    Returns the bytes written. On any failure or cancellation the partial file is removed.
+    """
+    path = _job_path(wire.JOB_MODEL, job_id)
+    params = {"round": str(round)} if round is not None else None
+    part = dest.with_name(dest.name + ".part")
+    what = f"GET {path}"
+    timeout = api.timeouts.communication_timeout
+    file = await asyncio.to_thread(_open_part, part)
+    try:
+        async with (
+            ProgressTimer(timeout, stage=Stage.WAITING, peer=api.base_url, what=what) as t,
+            api.session.get(api.url(path), params=params) as resp,
+        ):
+            t.enter(Stage.RECEIVING, timeout)
+            await raise_for_error(resp)
+            written = await _stream_body(resp, file, part, t)
+            expected = resp.content_length
+        if expected is not None and written != expected:
+            raise TransferError(f"{what}: body ended after {written} of {expected} bytes")
+        await asyncio.to_thread(_finish, file, part, dest)
+    except BaseException as exc:
+        # A close and an unlink: done inline so a second cancellation cannot skip them.
+        _discard(file, part)
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            raise TransferError(f"{what} from {api.base_url} failed: {exc}") from exc
+        raise
+    return written
+
+
+async def _stream_body(
+    resp: aiohttp.ClientResponse, file: BinaryIO, part: Path, timer: ProgressTimer
+) -> int:
+    written = 0
+    batch = bytearray()
+    async for chunk in resp.content.iter_any():
+        timer.progress(len(chunk))
+        batch += chunk
+        if len(batch) >= BATCH_BYTES:
+            await asyncio.to_thread(_write, file, part, batch)
+            written += len(batch)
+            batch = bytearray()
+    if batch:
+        await asyncio.to_thread(_write, file, part, batch)
+        written += len(batch)
+    return written
+
+
+def _open_part(part: Path) -> BinaryIO:
+    try:
+        return open(part, "wb")  # closed by _finish or _discard
+    except OSError as exc:
+        raise FLError(f"{part}: cannot create: {exc.strerror}") from None
+
+
+def _write(file: BinaryIO, part: Path, data: bytearray) -> None:
+    try:
+        file.write(data)
+    except OSError as exc:
+        raise FLError(f"{part}: cannot write: {exc.strerror}") from None
+
+
+def _finish(file: BinaryIO, part: Path, dest: Path) -> None:
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        os.replace(part, dest)
+    except OSError as exc:
+        raise FLError(f"{dest}: cannot save the download: {exc.strerror}") from None
+
+
+def _discard(file: BinaryIO, part: Path) -> None:
+    file.close()
+    part.unlink(missing_ok=True)

@@ -1,0 +1,261 @@
+"""``fl-admin``: submit, watch, abort and download jobs, and list the connected sites.
+
+Every failure the project can explain is an ``FLError``; it is printed as one
+``fl-admin: <message>`` on stderr with exit code 1 (2 for an invalid configuration),
+never as a traceback. ``--json`` prints the server's replies as JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from common import wire
+from common.config import AdminConfig, JobConfig, load_config, load_yaml, parse_config
+from common.errors import ConfigError, FLError
+from fl_client.admin import api
+from fl_client.http import Api, make_session
+
+PROG = "fl-admin"
+SERVER_URL_ENV = "FL_SERVER_URL"
+DEFAULT_SERVER_URL = "http://127.0.0.1:8470"
+
+Command = Callable[[Api, argparse.Namespace], Awaitable[int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Administer an FL server.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--server",
+        metavar="URL",
+        help=f"server base URL (default: ${SERVER_URL_ENV}, else {DEFAULT_SERVER_URL})",
+    )
+    where.add_argument(
+        "--config", metavar="ADMIN.yaml", type=Path, help="admin settings: server_url, timeouts"
+    )
+    parser.add_argument("--json", action="store_true", help="print the server's JSON replies")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="submit a job file")
+    p.add_argument("job_file", metavar="JOB.yaml", type=Path)
+    sub.add_parser("list", help="list jobs")
+    p = sub.add_parser("status", help="show a job's rounds and tasks")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p = sub.add_parser("abort", help="abort a job")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p = sub.add_parser("download", help="download a job's global model")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("-o", "--output", metavar="FILE", type=Path, required=True)
+    p.add_argument(
+        "--round",
+        type=int,
+        metavar="N",
+        help="the model after round N (0: initial; default: latest)",
+    )
+    p = sub.add_parser("wait", help="wait for a job to end; exit 0 only if it finished")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+    sub.add_parser("clients", help="list connected sites")
+    return parser
+
+
+def admin_config(args: argparse.Namespace) -> AdminConfig:
+    if args.config is not None:
+        return load_config(args.config, AdminConfig)
+    if args.server is not None:
+        url, source = args.server, "--server"
+    elif os.environ.get(SERVER_URL_ENV):
+        url, source = os.environ[SERVER_URL_ENV], SERVER_URL_ENV
+    else:
+        url, source = DEFAULT_SERVER_URL, "default"
+    return parse_config({"server_url": url}, AdminConfig, source=source)
+
+
+def load_job(path: Path) -> JobConfig:
+    return parse_config(load_yaml(path), JobConfig, source=str(path))
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def print_json(reply: BaseModel) -> None:
+    print(reply.model_dump_json(indent=2))
+
+
+def size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def progress(done: int, total: int) -> str:
+    if total <= 0:
+        return "-"
+    return f"{size(done)} / {size(total)} ({100 * done // total}%)"
+
+
+def task_row(t: wire.TaskInfo) -> list[str]:
+    bytes_moved = progress(t.bytes_done, t.bytes_total)
+    return [t.client, str(t.round), t.state, t.phase, bytes_moved, t.reason or ""]
+
+
+def job_row(j: wire.JobInfo) -> list[str]:
+    rounds = f"{j.round}/{j.num_rounds}"
+    return [j.job_id, j.name, j.state, rounds, size(j.model_bytes), clock(j.updated_at)]
+
+
+def client_row(c: wire.ClientInfo) -> list[str]:
+    seen = f"{c.seconds_since_seen:.1f} s ago"
+    return [c.name, "yes" if c.alive else "no", c.phase, c.task_id or "-", seen]
+
+
+def format_status(status: wire.JobStatus) -> str:
+    job = status.job
+    lines = [
+        f"job {job.job_id} ({job.name}): {job.state}, round {job.round}/{job.num_rounds}",
+    ]
+    if job.reason:
+        lines.append(f"reason: {job.reason}")
+    if status.tasks:
+        rows = [task_row(t) for t in status.tasks]
+        lines.append(table(["CLIENT", "ROUND", "STATE", "PHASE", "BYTES", "REASON"], rows))
+    return "\n".join(lines)
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+async def cmd_submit(a: Api, args: argparse.Namespace) -> int:
+    config = await asyncio.to_thread(load_job, args.job_file)
+    reply = await api.submit(a, config)
+    if args.json:
+        print_json(reply)
+    else:
+        print(reply.job_id)
+    return 0
+
+
+async def cmd_list(a: Api, args: argparse.Namespace) -> int:
+    jobs = await api.list_jobs(a)
+    if args.json:
+        print_json(jobs)
+        return 0
+    rows = [job_row(j) for j in jobs.root]
+    print(table(["JOB_ID", "NAME", "STATE", "ROUND", "MODEL", "UPDATED"], rows))
+    return 0
+
+
+async def cmd_status(a: Api, args: argparse.Namespace) -> int:
+    status = await api.job_status(a, args.job_id)
+    if args.json:
+        print_json(status)
+    else:
+        print(format_status(status))
+    return 0
+
+
+async def cmd_abort(a: Api, args: argparse.Namespace) -> int:
+    job = await api.abort(a, args.job_id)
+    if args.json:
+        print_json(job)
+    else:
+        print(f"job {job.job_id}: {job.state}")
+    return 0
+
+
+async def cmd_download(a: Api, args: argparse.Namespace) -> int:
+    written = await api.download_model(a, args.job_id, args.output, round=args.round)
+    if args.json:
+        print(json.dumps({"path": str(args.output), "bytes": written}))
+    else:
+        print(f"wrote {written} bytes ({size(written)}) to {args.output}")
+    return 0
+
+
+async def cmd_wait(a: Api, args: argparse.Namespace) -> int:
+    def ignore(_: wire.JobStatus) -> None:
+        pass
+
+    on_status = ignore if args.json else api.RoundProgress()
+    try:
+        async with asyncio.timeout(args.timeout):
+            status = await api.wait_for_job(a, args.job_id, on_status)
+    except TimeoutError:
+        raise FLError(f"job {args.job_id} has not ended after {args.timeout:g} s") from None
+    job = status.job
+    if args.json:
+        print_json(status)
+    elif job.state == wire.JobState.FINISHED:
+        print(f"job {job.job_id}: finished after {job.round}/{job.num_rounds} rounds")
+    else:
+        reason = job.reason or "no reason given"
+        print(f"{PROG}: job {job.job_id} {job.state}: {reason}", file=sys.stderr)
+    return 0 if job.state == wire.JobState.FINISHED else 1
+
+
+async def cmd_clients(a: Api, args: argparse.Namespace) -> int:
+    clients = await api.list_clients(a)
+    if args.json:
+        print_json(clients)
+        return 0
+    rows = [client_row(c) for c in clients.root]
+    print(table(["NAME", "ALIVE", "PHASE", "TASK", "LAST SEEN"], rows))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "submit": cmd_submit,
+    "list": cmd_list,
+    "status": cmd_status,
+    "abort": cmd_abort,
+    "download": cmd_download,
+    "wait": cmd_wait,
+    "clients": cmd_clients,
+}
+
+
+async def run(config: AdminConfig, args: argparse.Namespace) -> int:
+    async with make_session(identity=None) as session:
+        return await COMMANDS[args.command](Api(session, config.server_url, config.timeouts), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return asyncio.run(run(admin_config(args), args))
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except FLError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,277 @@
+"""Handlers for client sites: heartbeat, get_task, model download, upload, commit.
+
+Thin adapters: they check who is calling and what state the task is in, move bytes
+through ``common.streams`` and hand decisions to the runner. A request that fails any
+check changes nothing: the task, the round and the global model stay as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from aiohttp import web
+
+from common.digest import segment_count, segment_range, whole_digest
+from common.errors import Conflict, Forbidden, IntegrityError, RequestError, TaskExpired
+from common.streams import SegmentTooLong, receive_segment
+from common.timeouts import ProgressTimer, Stage
+from common.wire import (
+    DIGEST_HEADER,
+    TASK_MODEL,
+    CommitReply,
+    CommitRequest,
+    Heartbeat,
+    HeartbeatReply,
+    JobState,
+    Phase,
+    SegmentAck,
+    Task,
+    TaskReply,
+    TaskState,
+    UploadStatus,
+)
+from fl_server import verify
+from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
+from fl_server.http_util import caller_identity, json_reply, read_json
+from fl_server.state import TaskRow
+
+log = logging.getLogger("fl_server.api")
+
+
+async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
+    """The task named in the URL, if the caller owns it (and, to write, it is still open)."""
+    db = request.app[DB]
+    client = caller_identity(request)
+    task = await db.run(db.get_task, request.match_info["task_id"])
+    if task.client != client:
+        raise Forbidden(f"task {task.task_id} belongs to another client, not to {client!r}")
+    if not writable:
+        return task
+    if task.state is TaskState.COMMITTED:
+        raise Conflict(f"task {task.task_id} is already committed; nothing more to send")
+    if task.state is TaskState.REJECTED:
+        raise Conflict(f"task {task.task_id} was rejected: {task.reason}")
+    rnd = await db.run(db.get_round, task.job_id, task.round)
+    job = await db.run(db.get_job, task.job_id)
+    if (
+        task.state is TaskState.EXPIRED
+        or rnd is None
+        or rnd.state != "open"
+        or job.state is not JobState.RUNNING
+    ):
+        raise TaskExpired(
+            f"task {task.task_id} (job {task.job_id}, round {task.round}) has expired: "
+            f"{task.reason or 'its round has closed'}; ask for a new task"
+        )
+    return task
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    db = request.app[DB]
+    client = caller_identity(request)
+    if client != request.match_info["client"]:
+        raise Forbidden(f"caller {client!r} cannot send heartbeats for another client")
+    hb = await read_json(request, Heartbeat)
+    now = time.time()
+    await db.run(db.touch_client, client, now, hb.phase, hb.task_id)
+    if hb.task_id is not None:
+        task = await db.run(db.get_task, hb.task_id)
+        if task.client != client:
+            raise Forbidden(f"task {hb.task_id} belongs to another client")
+        moved = (hb.phase, hb.bytes_done, hb.bytes_total) != (
+            task.phase, task.bytes_done, task.bytes_total
+        )
+        if task.state is TaskState.ASSIGNED and moved:
+            await db.run(db.touch_task, task.task_id, now, hb.phase, hb.bytes_done, hb.bytes_total)
+            request.app[RUNNER].poke(task.job_id)
+    return json_reply(HeartbeatReply(server_time=now))
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """Long-poll: answer with a task as soon as there is one, else after ``wait`` seconds."""
+    cfg = request.app[CONFIG]
+    db = request.app[DB]
+    runner = request.app[RUNNER]
+    client = caller_identity(request)
+    if client != request.match_info["client"]:
+        raise Forbidden(f"caller {client!r} cannot ask for another client's tasks")
+    try:
+        wait_s = min(float(request.query.get("wait", "0")), cfg.long_poll_s)
+    except ValueError:
+        raise RequestError("query parameter 'wait' must be a number of seconds") from None
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        await db.run(db.touch_client, client, time.time(), None, None)
+        async with runner.tasks_changed:
+            row = await runner.task_for(client)
+            left = deadline - time.monotonic()
+            if row is None and left > 0:
+                try:
+                    async with asyncio.timeout(left):
+                        await runner.tasks_changed.wait()
+                except TimeoutError:
+                    pass
+                continue
+        break
+    if row is None:
+        return json_reply(TaskReply(task=None, retry_after_s=1.0))
+    cfg_job = await runner.job_config(row.job_id)
+    manifest = await runner.manifest(row.job_id, row.round - 1)
+    task = Task(
+        task_id=row.task_id,
+        job_id=row.job_id,
+        job_name=cfg_job.name,
+        round=row.round,
+        num_rounds=cfg_job.num_rounds,
+        trainer=cfg_job.trainer,
+        manifest=manifest,
+        model_url=TASK_MODEL.format(task_id=row.task_id),
+    )
+    return json_reply(TaskReply(task=task))
+
+
+async def task_model(request: web.Request) -> web.StreamResponse:
+    """The task's input model as a file: range requests, sent with sendfile where possible."""
+    task = await _owned_task(request, writable=False)
+    path = request.app[WORKSPACE].model_path(task.job_id, task.round - 1)
+    if not path.exists():
+        raise TaskExpired(f"the model of task {task.task_id} is no longer kept")
+    return web.FileResponse(path, chunk_size=1024 * 1024)
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    db = request.app[DB]
+    task = await _owned_task(request, writable=True)
+    man = await request.app[RUNNER].manifest(task.job_id, task.round - 1)
+    done = await db.run(db.segments_of, task.task_id)
+    return json_reply(
+        UploadStatus(
+            task_id=task.task_id,
+            file_size=man.file_size,
+            segment_bytes=man.segment_bytes,
+            num_segments=segment_count(man.file_size, man.segment_bytes),
+            segments_done=sorted(done),
+        )
+    )
+
+
+def _open_spool(path: os.PathLike[str], size: int) -> int:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    if os.fstat(fd).st_size != size:
+        os.ftruncate(fd, size)
+    return fd
+
+
+async def upload_segment(request: web.Request) -> web.Response:
+    cfg = request.app[CONFIG]
+    db = request.app[DB]
+    task = await _owned_task(request, writable=True)
+    man = await request.app[RUNNER].manifest(task.job_id, task.round - 1)
+    try:
+        index = int(request.match_info["index"])
+    except ValueError:
+        raise RequestError("segment index must be an integer", field="index") from None
+    count = segment_count(man.file_size, man.segment_bytes)
+    if not 0 <= index < count:
+        raise RequestError(f"segment index {index} is outside 0..{count - 1}", field="index")
+    start, end = segment_range(index, man.file_size, man.segment_bytes)
+    declared = request.headers.get(DIGEST_HEADER)
+    if not declared:
+        raise RequestError(f"missing {DIGEST_HEADER} header with the segment's xxh3 digest")
+    if request.content_length is not None and request.content_length != end - start:
+        exc: RequestError = SegmentTooLong if request.content_length > end - start else RequestError
+        raise exc(
+            f"segment {index} must be {end - start} bytes, Content-Length says "
+            f"{request.content_length}",
+            field="body",
+        )
+    busy = request.app[UPLOADS]
+    key = (task.task_id, index)
+    if key in busy:
+        raise Conflict(f"segment {index} of task {task.task_id} is already being received")
+    busy.add(key)
+    spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
+    try:
+        fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
+        try:
+            async with ProgressTimer(
+                cfg.timeouts.communication_timeout,
+                stage=Stage.RECEIVING,
+                peer=task.client,
+                what=f"segment {index} of task {task.task_id}",
+            ) as timer:
+                digest = await receive_segment(
+                    request.content.iter_any(),
+                    fd,
+                    start,
+                    end - start,
+                    timer=timer,
+                    read_timeout_s=cfg.timeouts.streaming_read_timeout,
+                    batch_bytes=cfg.transfer.io_chunk_bytes,
+                )
+        finally:
+            os.close(fd)
+        if digest != declared:
+            raise IntegrityError(
+                f"segment {index} of task {task.task_id} arrived with digest {digest}, "
+                f"sender declared {declared}; send it again",
+                field="body",
+            )
+        await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
+    finally:
+        busy.discard(key)
+    now = time.time()
+    held = await db.run(db.add_segment, task.task_id, index, digest)
+    done_bytes = min(man.file_size, held * man.segment_bytes)
+    await db.run(db.touch_task, task.task_id, now, Phase.UPLOADING, done_bytes, man.file_size)
+    request.app[RUNNER].poke(task.job_id)
+    log.debug("task %s: segment %d received (%d bytes)", task.task_id, index, end - start)
+    return json_reply(
+        SegmentAck(index=index, start=start, end=end, digest=digest, committed_bytes=done_bytes)
+    )
+
+
+async def commit(request: web.Request) -> web.Response:
+    db = request.app[DB]
+    task = await _owned_task(request, writable=True)
+    body = await read_json(request, CommitRequest)
+    man = await request.app[RUNNER].manifest(task.job_id, task.round - 1)
+    count = segment_count(man.file_size, man.segment_bytes)
+    have = await db.run(db.segments_of, task.task_id)
+    missing = [i for i in range(count) if i not in have]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise Conflict(
+            f"update of task {task.task_id} is incomplete: {len(missing)} of {count} "
+            f"segments missing ({shown}); upload them before committing",
+            field="segments",
+        )
+    digest = whole_digest([have[i] for i in range(count)])
+    if digest != body.digest:
+        raise IntegrityError(
+            f"update of task {task.task_id} has digest {digest} on the server, the commit "
+            f"declares {body.digest}",
+            field="digest",
+        )
+    spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
+    await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
+    await asyncio.to_thread(_fsync_path, spool)
+    await db.run(db.commit_task, task.task_id, body.num_samples, body.metrics, digest, time.time())
+    request.app[RUNNER].poke(task.job_id)
+    log.info(
+        "job %s round %d: update of %s committed (task %s, %d samples)",
+        task.job_id, task.round, task.client, task.task_id, body.num_samples,
+    )
+    return json_reply(CommitReply(task_id=task.task_id, state=TaskState.COMMITTED))
+
+
+def _fsync_path(path: os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,16 @@
+"""Typed keys for what the aiohttp application holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from common.config import ServerConfig
+from fl_server.runner import JobRunner
+from fl_server.state import StateDB
+from fl_server.workspace import Workspace
+
+CONFIG = web.AppKey("config", ServerConfig)
+DB = web.AppKey("db", StateDB)
+WORKSPACE = web.AppKey("workspace", Workspace)
+RUNNER = web.AppKey("runner", JobRunner)
+UPLOADS = web.AppKey("uploads", set[tuple[str, int]])

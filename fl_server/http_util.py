@@ -1,0 +1,76 @@
+"""The edge between aiohttp and the server's logic: errors out, small JSON bodies in."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from common.errors import FLError, RequestError
+from common.wire import CLIENT_HEADER
+
+log = logging.getLogger("fl_server.http")
+M = TypeVar("M", bound=BaseModel)
+MAX_JSON_BYTES = 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(err: FLError) -> web.Response:
+    return web.json_response(err.to_wire(), status=err.http_status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except FLError as err:
+        log.warning("%s %s -> %s: %s", request.method, request.path, err.code, err.message)
+        return error_response(err)
+    except web.HTTPException as exc:
+        body = {"code": "http_error", "message": exc.reason, "field": None}
+        return web.json_response(body, status=exc.status)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(
+            {"code": "internal", "message": "internal server error (see server log)",
+             "field": None},
+            status=500,
+        )
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """Parse a small JSON body into ``model``; errors name the field and what is wrong."""
+    raw = await request.content.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise RequestError(f"JSON body larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(body)"
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise RequestError(f"invalid request: {loc}: {msg}", field=loc) from None
+
+
+def json_reply(model: BaseModel | list[BaseModel], status: int = 200) -> web.Response:
+    if isinstance(model, list):
+        text = "[" + ",".join(m.model_dump_json() for m in model) + "]"
+    else:
+        text = model.model_dump_json()
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def caller_identity(request: web.Request) -> str:
+    name = request.headers.get(CLIENT_HEADER)
+    if not name:
+        raise RequestError(f"missing {CLIENT_HEADER} header naming the client site")
+    return name

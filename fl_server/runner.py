@@ -1,0 +1,311 @@
+"""Runs jobs: prepares the initial model, issues tasks, folds updates, closes rounds.
+
+One coroutine per active job, owned by ``JobRunner.run`` (a TaskGroup). Everything the
+job decides comes from ``controller.decide_round`` over the state in SQLite, so a
+restarted server resumes a job exactly where its last committed transaction left it:
+finished rounds are never redone, folded updates never refolded, committed updates
+never lost. HTTP handlers change state and ``poke`` the job; the job loop re-reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+
+from common.config import JobConfig, ServerConfig
+from common.errors import Conflict, FLError
+from common.tensorfile import Layout, Manifest
+from common.wire import JobState, TaskState
+from fl_server import aggregate
+from fl_server.controller import (
+    TERMINAL_JOB_STATES,
+    Action,
+    TaskView,
+    check_job_transition,
+    decide_round,
+    may_take_part,
+)
+from fl_server.modelgen import prepare_initial
+from fl_server.state import StateDB, TaskRow
+from fl_server.workspace import Workspace
+
+log = logging.getLogger("fl_server.runner")
+IDLE_RECHECK_S = 5.0
+
+
+def _view(t: TaskRow) -> TaskView:
+    return TaskView(t.task_id, t.client, t.state, t.last_progress, t.folded)
+
+
+class JobRunner:
+    def __init__(self, cfg: ServerConfig, ws: Workspace, db: StateDB) -> None:
+        self.cfg = cfg
+        self.ws = ws
+        self.db = db
+        self._wake: dict[str, asyncio.Event] = {}
+        self._started: asyncio.Queue[str] = asyncio.Queue()
+        self._issue_lock = asyncio.Lock()
+        self.tasks_changed = asyncio.Condition()
+        self._manifests: dict[tuple[str, int], Manifest] = {}
+        self._configs: dict[str, JobConfig] = {}
+
+    # called by handlers
+    def poke(self, job_id: str) -> None:
+        ev = self._wake.get(job_id)
+        if ev is not None:
+            ev.set()
+
+    async def submit(self, cfg: JobConfig) -> str:
+        job_id = uuid.uuid4().hex[:12]
+        await self.db.run(self.db.insert_job, job_id, cfg.name, cfg.model_dump_json(), time.time())
+        self._started.put_nowait(job_id)
+        log.info("job %s (%s) submitted: %d rounds", job_id, cfg.name, cfg.num_rounds)
+        return job_id
+
+    async def abort(self, job_id: str) -> None:
+        job = await self.db.run(self.db.get_job, job_id)
+        check_job_transition(job_id, job.state, JobState.ABORTED)
+        await self.db.run(
+            self.db.set_job_state, job_id, JobState.ABORTED, "aborted by admin", time.time()
+        )
+        self.poke(job_id)
+        log.info("job %s aborted by admin", job_id)
+
+    async def job_config(self, job_id: str) -> JobConfig:
+        cfg = self._configs.get(job_id)
+        if cfg is None:
+            job = await self.db.run(self.db.get_job, job_id)
+            cfg = JobConfig.model_validate_json(job.config)
+            self._configs[job_id] = cfg
+        return cfg
+
+    async def manifest(self, job_id: str, rnd: int) -> Manifest:
+        key = (job_id, rnd)
+        man = self._manifests.get(key)
+        if man is None:
+            man = await asyncio.to_thread(self.ws.load_manifest, job_id, rnd)
+            if man is None:
+                raise Conflict(f"job {job_id} has no global model for round {rnd} yet")
+            self._manifests[key] = man
+        return man
+
+    async def task_for(self, client: str) -> TaskRow | None:
+        """The client's current task: one it already holds, or a new one in an open round."""
+        async with self._issue_lock:
+            for t in await self.db.run(self.db.assigned_tasks_of, client):
+                rnd = await self.db.run(self.db.get_round, t.job_id, t.round)
+                if rnd is not None and rnd.state == "open":
+                    return t
+            for job in await self.db.run(self.db.list_jobs):
+                if job.state is not JobState.RUNNING:
+                    continue
+                r = job.round_done + 1
+                rnd = await self.db.run(self.db.get_round, job.job_id, r)
+                if rnd is None or rnd.state != "open":
+                    continue
+                cfg = await self.job_config(job.job_id)
+                views = [_view(t) for t in await self.db.run(self.db.round_tasks, job.job_id, r)]
+                if not may_take_part(client, cfg.clients, views):
+                    continue
+                task_id = uuid.uuid4().hex[:16]
+                await self.db.run(self.db.create_task, task_id, job.job_id, r, client, time.time())
+                log.info("job %s round %d: task %s issued to %s", job.job_id, r, task_id, client)
+                return await self.db.run(self.db.get_task, task_id)
+        return None
+
+    # the job loops
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for job in await self.db.run(self.db.list_jobs):
+                if job.state not in TERMINAL_JOB_STATES:
+                    log.info("resuming job %s at round %d", job.job_id, job.round_done + 1)
+                    tg.create_task(self._run_job(job.job_id))
+            while True:
+                job_id = await self._started.get()
+                tg.create_task(self._run_job(job_id))
+
+    async def _notify_tasks(self) -> None:
+        async with self.tasks_changed:
+            self.tasks_changed.notify_all()
+
+    async def _set_state(self, job_id: str, state: JobState, reason: str | None = None) -> None:
+        job = await self.db.run(self.db.get_job, job_id)
+        check_job_transition(job_id, job.state, state)
+        await self.db.run(self.db.set_job_state, job_id, state, reason, time.time())
+
+    async def _run_job(self, job_id: str) -> None:
+        self._wake[job_id] = asyncio.Event()
+        try:
+            await self._drive_job(job_id)
+        except FLError as err:
+            log.error("job %s failed: %s", job_id, err.message)
+            await self._fail(job_id, err.message)
+        except Exception as exc:
+            log.exception("job %s failed on an internal error", job_id)
+            await self._fail(job_id, f"internal error: {exc!r} (see server log)")
+        finally:
+            self._wake.pop(job_id, None)
+
+    async def _fail(self, job_id: str, reason: str) -> None:
+        job = await self.db.run(self.db.get_job, job_id)
+        if job.state not in TERMINAL_JOB_STATES:
+            await self.db.run(self.db.set_job_state, job_id, JobState.FAILED, reason, time.time())
+
+    async def _drive_job(self, job_id: str) -> None:
+        cfg = await self.job_config(job_id)
+        job = await self.db.run(self.db.get_job, job_id)
+        if job.state is JobState.PENDING:
+            man = await asyncio.to_thread(self.ws.load_manifest, job_id, 0)
+            if man is None:
+                log.info("job %s: preparing the initial model", job_id)
+                path = self.ws.model_path(job_id, 0)
+                man = await asyncio.to_thread(
+                    prepare_initial, cfg.model, path, self.cfg.segment_bytes
+                )
+                await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
+            await self.db.run(self.db.set_model_bytes, job_id, man.file_size)
+            job = await self.db.run(self.db.get_job, job_id)
+            if job.state is not JobState.PENDING:
+                return
+            await self._set_state(job_id, JobState.RUNNING)
+            log.info("job %s running: model of %d bytes", job_id, man.file_size)
+        while True:
+            job = await self.db.run(self.db.get_job, job_id)
+            if job.state is not JobState.RUNNING:
+                return
+            rnd = job.round_done + 1
+            if rnd > cfg.num_rounds:
+                await self._set_state(job_id, JobState.FINISHED)
+                log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
+                return
+            await self.db.run(self.db.open_round, job_id, rnd, time.time())
+            await self._notify_tasks()
+            await self._drive_round(job_id, cfg, rnd)
+
+    def _clean_round_dir(self, job_id: str, rnd: int, folded: int) -> None:
+        """After a restart: drop half-written files and accumulators not on record."""
+        keep = self.ws.accumulator_path(job_id, rnd, folded).name
+        rdir = self.ws.round_dir(job_id, rnd)
+        if not rdir.exists():
+            return
+        for p in rdir.iterdir():
+            if p.is_file() and (p.name.endswith(".part") or p.name.startswith("acc-")) and (
+                p.name != keep
+            ):
+                p.unlink()
+
+    async def _drive_round(self, job_id: str, cfg: JobConfig, rnd: int) -> None:
+        row = await self.db.run(self.db.get_round, job_id, rnd)
+        assert row is not None
+        await asyncio.to_thread(self._clean_round_dir, job_id, rnd, row.folded)
+        layout = (await self.manifest(job_id, rnd - 1)).layout
+        wake = self._wake[job_id]
+        opened = time.monotonic()
+        while True:
+            wake.clear()
+            job = await self.db.run(self.db.get_job, job_id)
+            if job.state is not JobState.RUNNING:
+                tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
+                open_ids = [t.task_id for t in tasks if t.state is TaskState.ASSIGNED]
+                await self.db.run(self.db.expire_tasks, open_ids, f"job {job.state.value}")
+                return
+            tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
+            unfolded = [t for t in tasks if t.state is TaskState.COMMITTED and not t.folded]
+            if unfolded:
+                await self._fold(job_id, rnd, unfolded[0], layout)
+                continue
+            now = time.time()
+            decision = decide_round(
+                [_view(t) for t in tasks],
+                min_clients=cfg.min_clients,
+                train_timeout=cfg.train_timeout,
+                now=now,
+            )
+            if decision.expire:
+                await self.db.run(
+                    self.db.expire_tasks, list(decision.expire), "no result within train_timeout"
+                )
+                for tid in decision.expire:
+                    log.warning("job %s round %d: task %s expired", job_id, rnd, tid)
+            if decision.action is Action.CLOSE:
+                await self._close(job_id, rnd, layout)
+                return
+            if decision.action is Action.FAIL:
+                assert decision.reason is not None
+                log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
+                await self._set_state(job_id, JobState.FAILED, f"round {rnd}: {decision.reason}")
+                return
+            if (
+                cfg.wait_for_clients_s is not None
+                and not any(t.state is TaskState.ASSIGNED for t in tasks)
+                and time.monotonic() - opened > cfg.wait_for_clients_s
+            ):
+                have = sum(t.state is TaskState.COMMITTED for t in tasks)
+                await self._set_state(
+                    job_id,
+                    JobState.FAILED,
+                    f"round {rnd}: only {have} of min_clients={cfg.min_clients} clients took "
+                    f"part within wait_for_clients_s={cfg.wait_for_clients_s:g} s",
+                )
+                return
+            timeout = IDLE_RECHECK_S
+            if decision.wake_at is not None:
+                timeout = min(timeout, max(0.05, decision.wake_at - time.time()))
+            try:
+                async with asyncio.timeout(timeout):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _fold(self, job_id: str, rnd: int, task: TaskRow, layout: Layout) -> None:
+        assert task.num_samples is not None
+        row = await self.db.run(self.db.get_round, job_id, rnd)
+        assert row is not None
+        acc_in = self.ws.accumulator_path(job_id, rnd, row.folded) if row.folded else None
+        acc_out = self.ws.accumulator_path(job_id, rnd, row.folded + 1)
+        spool = self.ws.spool_path(job_id, rnd, task.task_id)
+        started = time.monotonic()
+        await asyncio.to_thread(
+            aggregate.fold,
+            spool,
+            layout,
+            acc_in,
+            acc_out,
+            float(task.num_samples),
+            self.cfg.aggregation_chunk_mib * 1024 * 1024,
+        )
+        await self.db.run(
+            self.db.mark_folded, task.task_id, job_id, rnd, row.folded + 1, float(task.num_samples)
+        )
+        if acc_in is not None:
+            acc_in.unlink(missing_ok=True)
+        spool.unlink(missing_ok=True)
+        log.info(
+            "job %s round %d: update of %s (task %s, weight %d) folded in %.2f s",
+            job_id, rnd, task.client, task.task_id, task.num_samples, time.monotonic() - started,
+        )
+
+    async def _close(self, job_id: str, rnd: int, layout: Layout) -> None:
+        row = await self.db.run(self.db.get_round, job_id, rnd)
+        assert row is not None and row.folded > 0
+        acc = self.ws.accumulator_path(job_id, rnd, row.folded)
+        out = self.ws.model_path(job_id, rnd)
+        man = await asyncio.to_thread(
+            aggregate.finalize,
+            acc,
+            layout,
+            row.total_weight,
+            out,
+            self.cfg.segment_bytes,
+            self.cfg.aggregation_chunk_mib * 1024 * 1024,
+        )
+        await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
+        await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
+        await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
+        log.info(
+            "job %s round %d closed: %d updates, total weight %g",
+            job_id, rnd, row.folded, row.total_weight,
+        )

@@ -1,0 +1,48 @@
+"""Where the server keeps things on disk; the one place that knows the paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.tensorfile import Manifest
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "state.db"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def model_path(self, job_id: str, rnd: int) -> Path:
+        """Global model after round ``rnd`` (round 0: the initial model)."""
+        return self.job_dir(job_id) / "models" / f"round-{rnd}.safetensors"
+
+    def manifest_path(self, job_id: str, rnd: int) -> Path:
+        return self.job_dir(job_id) / "models" / f"round-{rnd}.manifest.json"
+
+    def round_dir(self, job_id: str, rnd: int) -> Path:
+        return self.job_dir(job_id) / "rounds" / str(rnd)
+
+    def accumulator_path(self, job_id: str, rnd: int, folded: int) -> Path:
+        return self.round_dir(job_id, rnd) / f"acc-{folded}.f64"
+
+    def spool_path(self, job_id: str, rnd: int, task_id: str) -> Path:
+        return self.round_dir(job_id, rnd) / "spool" / f"{task_id}.safetensors"
+
+    def save_manifest(self, job_id: str, rnd: int, manifest: Manifest) -> None:
+        path = self.manifest_path(job_id, rnd)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(manifest.model_dump_json())
+        tmp.replace(path)
+
+    def load_manifest(self, job_id: str, rnd: int) -> Manifest | None:
+        path = self.manifest_path(job_id, rnd)
+        if not path.exists():
+            return None
+        return Manifest.model_validate_json(path.read_text())

@@ -1,0 +1,436 @@
+"""Unit tests for common.tensorfile: safetensors layout, header parsing, layout checks."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from common.errors import ModelFormatError, UpdateRejected
+from common.tensorfile import (
+    FLOAT_DTYPES,
+    MAX_HEADER_BYTES,
+    Layout,
+    TensorSpec,
+    check_same_layout,
+    element_window,
+    header_length,
+    numpy_dtype,
+    parse_header,
+    plan_layout,
+    st_dtype,
+)
+
+TENSORS = [
+    ("a", "F32", (2, 3)),  # 24 bytes
+    ("b", "F16", (5,)),  # 10 bytes
+    ("c", "I64", ()),  # 8 bytes
+    ("d", "BOOL", (3,)),  # 3 bytes
+    ("e", "U8", (0,)),  # 0 bytes
+    ("f", "F64", (1, 2)),  # 16 bytes
+]
+
+
+def _head(obj: object, *, pad: bool = True) -> bytes:
+    raw = json.dumps(obj).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, object]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+# --- dtype mapping -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("st", "np_name", "itemsize"),
+    [
+        ("F64", "float64", 8),
+        ("F32", "float32", 4),
+        ("F16", "float16", 2),
+        ("I64", "int64", 8),
+        ("I32", "int32", 4),
+        ("I16", "int16", 2),
+        ("I8", "int8", 1),
+        ("U8", "uint8", 1),
+        ("BOOL", "bool", 1),
+    ],
+)
+def test_dtype_mapping(st: str, np_name: str, itemsize: int) -> None:
+    dt = numpy_dtype(st)
+    assert dt.name == np_name
+    assert dt.itemsize == itemsize
+    assert dt == np.dtype(np_name).newbyteorder("<")
+    assert st_dtype(dt) == st
+    assert st_dtype(np_name) == st
+    assert st_dtype(np.dtype(np_name)) == st
+
+
+def test_numpy_dtype_is_little_endian() -> None:
+    assert numpy_dtype("F32") == np.dtype("<f4")
+    assert numpy_dtype("I64") == np.dtype("<i8")
+
+
+def test_float_dtypes() -> None:
+    assert frozenset({"F64", "F32", "F16"}) == FLOAT_DTYPES
+
+
+@pytest.mark.parametrize("bad", ["BF16", "F8_E4M3", "f32", "", "U16"])
+def test_numpy_dtype_unsupported(bad: str) -> None:
+    with pytest.raises(ModelFormatError, match="unsupported tensor dtype") as exc:
+        numpy_dtype(bad)
+    assert repr(bad) in str(exc.value)
+    assert "F32" in str(exc.value)  # lists the supported ones
+
+
+@pytest.mark.parametrize("bad", [np.complex64, np.uint16, np.uint32, "U5"])
+def test_st_dtype_unsupported(bad: object) -> None:
+    with pytest.raises(ModelFormatError, match="unsupported numpy dtype"):
+        st_dtype(bad)  # type: ignore[arg-type]
+
+
+# --- plan_layout / parse_header ------------------------------------------------------
+
+
+def test_plan_layout_offsets_exact() -> None:
+    layout, head = plan_layout(TENSORS)
+    got = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in layout.tensors]
+    assert got == [
+        ("a", "F32", (2, 3), 0, 24),
+        ("b", "F16", (5,), 24, 34),
+        ("c", "I64", (), 34, 42),
+        ("d", "BOOL", (3,), 42, 45),
+        ("e", "U8", (0,), 45, 45),
+        ("f", "F64", (1, 2), 45, 61),
+    ]
+    assert layout.data_offset == len(head)
+    assert layout.data_bytes == 61
+    assert layout.file_size == len(head) + 61
+    assert [t.nbytes for t in layout.tensors] == [24, 10, 8, 3, 0, 16]
+    assert [t.numel for t in layout.tensors] == [6, 5, 1, 3, 0, 2]
+
+
+def test_plan_layout_header_bytes() -> None:
+    layout, head = plan_layout(TENSORS, metadata={"round": "3"})
+    (n,) = struct.unpack("<Q", head[:8])
+    assert n == len(head) - 8
+    assert n % 8 == 0
+    assert len(head) % 8 == 0
+    body = head[8:]
+    stripped = body.rstrip(b" ")
+    assert body[len(stripped) :] == b" " * (len(body) - len(stripped))
+    assert len(body) - len(stripped) < 8
+    obj = json.loads(body)
+    assert obj["__metadata__"] == {"round": "3"}
+    assert obj["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+    assert obj["f"] == {"dtype": "F64", "shape": [1, 2], "data_offsets": [45, 61]}
+    assert list(obj) == ["__metadata__", "a", "b", "c", "d", "e", "f"]
+
+
+@pytest.mark.parametrize("extra", range(8))
+def test_header_padded_to_multiple_of_8_for_all_lengths(extra: int) -> None:
+    _, head = plan_layout([("x" * (1 + extra), "F32", (1,))])
+    assert (len(head) - 8) % 8 == 0
+
+
+@pytest.mark.parametrize("metadata", [None, {"k": "v", "format": "np"}])
+def test_round_trip(metadata: dict[str, str] | None) -> None:
+    layout, head = plan_layout(TENSORS, metadata)
+    parsed = parse_header(head, file_size=layout.file_size)
+    assert parsed == layout
+    # The head followed by data parses the same (only the declared header is read).
+    assert parse_header(head + b"\0" * layout.data_bytes, file_size=layout.file_size) == layout
+
+
+def test_empty_layout_round_trip() -> None:
+    layout, head = plan_layout([])
+    assert layout.tensors == ()
+    assert layout.data_bytes == 0
+    assert layout.file_size == len(head)
+    assert parse_header(head, file_size=len(head)) == layout
+
+
+def test_parse_header_of_a_safetensors_library_file() -> None:
+    values = {
+        "w": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.ones(3, dtype=np.float64),
+        "n": np.array([1, 2, 3], dtype=np.int16),
+    }
+    blob = safetensors.numpy.save(values, metadata={"m": "1"})
+    layout = parse_header(blob, file_size=len(blob))
+    assert layout.file_size == len(blob)
+    assert {t.name for t in layout.tensors} == {"w", "b", "n"}
+    for t in layout.tensors:
+        arr = values[t.name]
+        assert t.shape == arr.shape
+        assert t.np_dtype == arr.dtype
+        start = layout.data_offset + t.begin
+        got = np.frombuffer(blob[start : layout.data_offset + t.end], dtype=t.np_dtype)
+        np.testing.assert_array_equal(got.reshape(t.shape), arr)
+
+
+def test_parse_header_sorts_by_offset() -> None:
+    head = _head({"second": _entry("F32", [1], 4, 8), "first": _entry("F32", [1], 0, 4)})
+    layout = parse_header(head, file_size=len(head) + 8)
+    assert [t.name for t in layout.tensors] == ["first", "second"]
+
+
+def test_parse_header_accepts_unpadded_header() -> None:
+    head = _head({"a": _entry("U8", [3], 0, 3)}, pad=False)
+    layout = parse_header(head, file_size=len(head) + 3)
+    assert layout.data_offset == len(head)
+
+
+def test_plan_layout_rejects_duplicates_and_reserved_name() -> None:
+    with pytest.raises(ModelFormatError, match="unique"):
+        plan_layout([("a", "F32", (1,)), ("a", "F32", (2,))])
+    with pytest.raises(ModelFormatError, match="__metadata__"):
+        plan_layout([("__metadata__", "F32", (1,))])
+    with pytest.raises(ModelFormatError, match="unsupported tensor dtype 'BF16'"):
+        plan_layout([("a", "BF16", (1,))])
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 8, -61])
+def test_parse_header_rejects_wrong_file_size(delta: int) -> None:
+    layout, head = plan_layout(TENSORS)
+    with pytest.raises(ModelFormatError) as exc:
+        parse_header(head, file_size=layout.file_size + delta)
+    assert f"file is {layout.file_size + delta} bytes" in str(exc.value)
+    assert f"describes {layout.file_size}" in str(exc.value)
+
+
+def test_parse_header_rejects_gap() -> None:
+    head = _head({"a": _entry("F32", [1], 0, 4), "b": _entry("F32", [1], 8, 12)})
+    with pytest.raises(ModelFormatError, match=r"tensor 'b': data is not contiguous at byte 4"):
+        parse_header(head, file_size=len(head) + 12)
+
+
+def test_parse_header_rejects_data_not_starting_at_zero() -> None:
+    head = _head({"a": _entry("F32", [1], 4, 8)})
+    with pytest.raises(ModelFormatError, match=r"'a': data is not contiguous at byte 0"):
+        parse_header(head, file_size=len(head) + 8)
+
+
+def test_parse_header_rejects_overlap() -> None:
+    head = _head({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)})
+    with pytest.raises(ModelFormatError, match="not contiguous"):
+        parse_header(head, file_size=len(head) + 12)
+
+
+def test_parse_header_rejects_shape_offset_mismatch() -> None:
+    head = _head({"a": _entry("F32", [2, 3], 0, 20)})
+    with pytest.raises(ModelFormatError) as exc:
+        parse_header(head, file_size=len(head) + 20)
+    msg = str(exc.value)
+    assert "tensor 'a'" in msg
+    assert "needs 24 bytes" in msg
+    assert "offsets give 20" in msg
+
+
+def test_parse_header_rejects_unsupported_dtype() -> None:
+    head = _head({"a": _entry("BF16", [2], 0, 4)})
+    with pytest.raises(ModelFormatError, match="unsupported tensor dtype 'BF16'"):
+        parse_header(head, file_size=len(head) + 4)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a": ', b"\xff\xfe\x00\x01", b"not json at all!"],
+    ids=["truncated", "not-utf8", "garbage"],
+)
+def test_parse_header_rejects_bad_json(body: bytes) -> None:
+    head = struct.pack("<Q", len(body)) + body
+    with pytest.raises(ModelFormatError, match="header is not valid JSON"):
+        parse_header(head, file_size=len(head))
+
+
+@pytest.mark.parametrize("obj", [[1, 2], "x", 3, None])
+def test_parse_header_rejects_non_object(obj: object) -> None:
+    head = _head(obj)
+    with pytest.raises(ModelFormatError, match="header must be a JSON object"):
+        parse_header(head, file_size=len(head))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"shape": [1], "data_offsets": [0, 4]},
+        {"dtype": "F32", "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": [1]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]},
+        {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+        {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]},
+        {"dtype": "F32", "shape": ["x"], "data_offsets": [0, 4]},
+        "just a string",
+        [1, 2, 3],
+    ],
+    ids=[
+        "no-dtype",
+        "no-shape",
+        "no-offsets",
+        "3-offsets",
+        "1-offset",
+        "shape-int",
+        "shape-str",
+        "entry-str",
+        "entry-list",
+    ],
+)
+def test_parse_header_rejects_malformed_entry(entry: object) -> None:
+    head = _head({"t": entry})
+    with pytest.raises(ModelFormatError, match=r"tensor 't': header entry is malformed"):
+        parse_header(head, file_size=len(head) + 4)
+
+
+def test_header_length_limits() -> None:
+    ok = struct.pack("<Q", MAX_HEADER_BYTES)
+    assert header_length(ok) == MAX_HEADER_BYTES
+    assert header_length(struct.pack("<Q", 16) + b"rest") == 16
+    with pytest.raises(ModelFormatError, match="exceeds") as exc:
+        header_length(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+    assert str(MAX_HEADER_BYTES + 1) in str(exc.value)
+    with pytest.raises(ModelFormatError, match="exceeds"):
+        header_length(b"\xff" * 8)
+
+
+def test_parse_header_rejects_header_over_limit() -> None:
+    head = struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}"
+    with pytest.raises(ModelFormatError, match="exceeds"):
+        parse_header(head, file_size=10**12)
+
+
+@pytest.mark.parametrize("n", range(8))
+def test_parse_header_rejects_shorter_than_8_bytes(n: int) -> None:
+    with pytest.raises(ModelFormatError, match="shorter than the 8-byte"):
+        parse_header(b"\x02" * n, file_size=n)
+
+
+def test_parse_header_rejects_file_ending_inside_header() -> None:
+    _, head = plan_layout(TENSORS)
+    with pytest.raises(ModelFormatError, match="ends inside its header"):
+        parse_header(head[:-1], file_size=len(head) - 1)
+
+
+# Known gaps: parse_header should turn every bad header into ModelFormatError, but some
+# entries reach TensorSpec's pydantic validation and leak a ValidationError, and some
+# impossible shapes are accepted. See the report; remove the xfail once fixed.
+@pytest.mark.xfail(
+    strict=True, reason="bug: pydantic ValidationError leaks out of parse_header"
+)
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"a": _entry(5, [1], 0, 4)},  # type: ignore[arg-type]
+        {"": _entry("F32", [1], 0, 4)},
+        {"a": _entry("F32", [1], -4, 0)},
+    ],
+    ids=["dtype-not-str", "empty-name", "negative-offset"],
+)
+def test_parse_header_bad_values_raise_model_format_error(obj: object) -> None:
+    head = _head(obj)
+    with pytest.raises(ModelFormatError):
+        parse_header(head, file_size=len(head) + 4)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: negative or fractional dims are accepted")
+@pytest.mark.parametrize(
+    "shape", [[-1, -1], [1.7], [True]], ids=["negative", "fractional", "bool"]
+)
+def test_parse_header_rejects_invalid_dims(shape: list[object]) -> None:
+    head = _head({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}})
+    with pytest.raises(ModelFormatError):
+        parse_header(head, file_size=len(head) + 4)
+
+
+# --- Layout helpers ------------------------------------------------------------------
+
+
+def test_layout_tensor_lookup() -> None:
+    layout, _ = plan_layout(TENSORS)
+    assert layout.tensor("d").begin == 42
+    with pytest.raises(ModelFormatError, match="no tensor named 'zz'"):
+        layout.tensor("zz")
+
+
+def test_tensor_spec_properties() -> None:
+    spec = TensorSpec(name="w", dtype="F16", shape=(3, 4), begin=8, end=32)
+    assert spec.nbytes == 24
+    assert spec.numel == 12
+    assert spec.np_dtype == np.dtype("<f2")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "max_bytes", "window"),
+    [("F32", 16, 4), ("F32", 17, 4), ("F32", 3, 1), ("F64", 8, 1), ("U8", 5, 5), ("F16", 1, 1)],
+)
+def test_element_window(dtype: str, max_bytes: int, window: int) -> None:
+    spec = TensorSpec(name="t", dtype=dtype, shape=(100,), begin=0, end=0)
+    assert element_window(spec, max_bytes) == window
+
+
+# --- check_same_layout ---------------------------------------------------------------
+
+
+def _layout(tensors: list[tuple[str, str, tuple[int, ...]]], **kw: object) -> Layout:
+    return plan_layout(tensors, **kw)[0]  # type: ignore[arg-type]
+
+
+BASE = [("w", "F32", (4, 4)), ("b", "F32", (4,)), ("step", "I64", ())]
+
+
+def test_check_same_layout_accepts_equal() -> None:
+    check_same_layout(_layout(BASE), _layout(BASE))
+
+
+def test_check_same_layout_missing_tensor() -> None:
+    with pytest.raises(UpdateRejected) as exc:
+        check_same_layout(_layout(BASE[:2]), _layout(BASE))
+    assert "missing" in str(exc.value)
+    assert "'step'" in str(exc.value)
+    assert exc.value.field == "tensors"
+
+
+def test_check_same_layout_extra_tensor() -> None:
+    with pytest.raises(UpdateRejected) as exc:
+        check_same_layout(_layout([*BASE, ("bonus", "U8", (1,))]), _layout(BASE))
+    assert "unexpected" in str(exc.value)
+    assert "'bonus'" in str(exc.value)
+    assert exc.value.field == "tensors"
+
+
+def test_check_same_layout_wrong_dtype() -> None:
+    got = [("w", "F32", (4, 4)), ("b", "F64", (4,)), ("step", "I64", ())]
+    with pytest.raises(UpdateRejected) as exc:
+        check_same_layout(_layout(got), _layout(BASE))
+    msg = str(exc.value)
+    assert "tensor 'b'" in msg
+    assert "dtype F64" in msg
+    assert "expected F32" in msg
+    assert exc.value.field == "tensors"
+
+
+def test_check_same_layout_wrong_shape() -> None:
+    got = [("w", "F32", (2, 8)), ("b", "F32", (4,)), ("step", "I64", ())]
+    with pytest.raises(UpdateRejected) as exc:
+        check_same_layout(_layout(got), _layout(BASE))
+    msg = str(exc.value)
+    assert "tensor 'w'" in msg
+    assert "shape [2, 8]" in msg
+    assert "expected [4, 4]" in msg
+
+
+def test_check_same_layout_different_order() -> None:
+    got = [BASE[1], BASE[0], BASE[2]]
+    with pytest.raises(UpdateRejected, match="laid out differently"):
+        check_same_layout(_layout(got), _layout(BASE))
+
+
+def test_check_same_layout_different_header_size() -> None:
+    with pytest.raises(UpdateRejected, match="laid out differently"):
+        check_same_layout(_layout(BASE, metadata={"pad": "x" * 40}), _layout(BASE))
