@@ -139,12 +139,29 @@ class FileModel(_Frozen):
     path: Path
 
 
+class AddEpsilonParams(_Frozen):
+    """Parameters of the built-in ``add_epsilon`` trainer."""
+
+    epsilon: float = Field(0.001, allow_inf_nan=False, description="Added to every element.")
+    chunk_mib: PositiveInt = Field(8, le=1024, description="MiB processed at a time.")
+
+
+BUILTIN_TRAINER = "add_epsilon"
+
+
 class TrainerSpec(_Frozen):
     name: str = Field(
-        "add_epsilon",
-        description="'add_epsilon' or a dotted path 'package.module:factory' to a plugin.",
+        BUILTIN_TRAINER,
+        pattern=r"^(add_epsilon|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+        description="'add_epsilon' or 'package.module:factory' naming a trainer plugin.",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _builtin_params(self) -> TrainerSpec:
+        if self.name == BUILTIN_TRAINER:
+            AddEpsilonParams.model_validate(self.params)
+        return self
 
 
 class JobConfig(_Frozen):

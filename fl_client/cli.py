@@ -1,0 +1,41 @@
+"""``fl-client --config client.yaml``: validate the config, then run the daemon on uvloop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import uvloop
+
+from common.config import ClientConfig, load_config
+from common.errors import FLError
+from common.logs import setup_logging
+
+
+async def _run(cfg: ClientConfig) -> None:
+    from fl_client.daemon import ClientDaemon, install_stop_handlers
+
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    await ClientDaemon(cfg).run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fl-client", description="Federated learning client.")
+    parser.add_argument("--config", type=Path, required=True, help="client YAML file")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, ClientConfig)
+    except FLError as err:
+        print(f"fl-client: {err.message}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, args.log_format, role=f"client {cfg.name}")
+    try:
+        uvloop.run(_run(cfg))
+    except FLError as err:
+        print(f"fl-client: {err.message}", file=sys.stderr)
+        return 1
+    return 0

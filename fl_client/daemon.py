@@ -1,0 +1,190 @@
+"""The client daemon: heartbeat, pull a task, download, train, upload, commit, repeat.
+
+Each task has a folder in the workspace holding what is done so far: the downloaded
+model (``model.safetensors``, complete only once every segment verified), the update
+and its manifest (``update.json``, written when training finished). A restarted daemon
+gets the same task from the server and continues from the first step not yet done; the
+transfers themselves resume segment by segment. Folders of other tasks are removed
+when a new task starts: their rounds are over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+from common.config import ClientConfig
+from common.errors import FLError, TaskExpired, TransferError
+from common.modelio import ModelReader, ModelWriter
+from common.tensorfile import Manifest
+from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
+from fl_client.http import Api, make_session
+from fl_client.trainer import TrainContext, TrainResult, load_trainer
+from fl_client.transfer import commit_update, download_model, upload_update
+
+log = logging.getLogger("fl_client")
+POLL_WAIT_S = 15.0
+
+
+class Progress:
+    """What the heartbeat reports: the phase and bytes of the current task."""
+
+    def __init__(self) -> None:
+        self.task_id: str | None = None
+        self.phase = Phase.IDLE
+        self.done = 0
+        self.total = 0
+
+    def start(self, task_id: str, phase: Phase, total: int) -> None:
+        self.task_id, self.phase, self.done, self.total = task_id, phase, 0, total
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+
+    def idle(self) -> None:
+        self.task_id, self.phase, self.done, self.total = None, Phase.IDLE, 0, 0
+
+
+def _train(
+    trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
+) -> tuple[Manifest, TrainResult]:
+    trainer = load_trainer(trainer_task.trainer)
+    man = trainer_task.manifest
+    with ModelReader(model_path) as reader:
+        if reader.layout != man.layout:
+            raise FLError(f"{model_path} does not match the task's manifest")
+        with ModelWriter(update_path, man.layout, segment_bytes=man.segment_bytes) as writer:
+            result = trainer.train(reader, writer, ctx)
+            update_man = writer.finish()
+    return update_man, result
+
+
+class ClientDaemon:
+    def __init__(self, cfg: ClientConfig) -> None:
+        self.cfg = cfg
+        self.progress = Progress()
+        self.tasks_dir = cfg.workspace / "tasks"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        async with make_session(identity=self.cfg.name, connections=self.cfg.transfer.window + 4
+                                ) as session:
+            api = Api(session, self.cfg.server_url, self.cfg.timeouts)
+            log.info("fl-client %s started; server %s", self.cfg.name, self.cfg.server_url)
+            async with asyncio.TaskGroup() as tg:
+                beat = tg.create_task(self._heartbeats(api))
+                work = tg.create_task(self._work_loop(api))
+                await stop.wait()
+                log.info("fl-client %s stopping", self.cfg.name)
+                work.cancel()
+                beat.cancel()
+
+    async def _heartbeats(self, api: Api) -> None:
+        while True:
+            p = self.progress
+            hb = Heartbeat(task_id=p.task_id, phase=p.phase, bytes_done=p.done,
+                           bytes_total=p.total)
+            try:
+                await api.call("POST", HEARTBEAT.format(client=self.cfg.name), None, body=hb)
+            except FLError as err:
+                log.debug("heartbeat failed: %s", err.message)
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def _work_loop(self, api: Api) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                reply = await api.call(
+                    "GET", GET_TASK.format(client=self.cfg.name), TaskReply,
+                    params={"wait": str(POLL_WAIT_S)}, wait_s=POLL_WAIT_S,
+                )
+                backoff = 0.5
+            except FLError as err:
+                log.warning("cannot reach the server (%s); retrying in %.1f s", err.message,
+                            backoff)
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(self.cfg.retry_backoff_max_s, backoff * 2)
+                continue
+            assert reply is not None
+            if reply.task is None:
+                await asyncio.sleep(reply.retry_after_s * random.uniform(0.5, 1.0))
+                continue
+            try:
+                await self._do_task(api, reply.task)
+            except TaskExpired as err:
+                log.warning("%s", err.message)
+                await asyncio.to_thread(shutil.rmtree, self.tasks_dir / reply.task.task_id, True)
+            except TransferError as err:
+                log.warning("task %s interrupted: %s; will resume", reply.task.task_id,
+                            err.message)
+                await asyncio.sleep(backoff)
+            except FLError as err:
+                log.error("task %s failed: %s", reply.task.task_id, err.message)
+                await asyncio.sleep(self.cfg.retry_backoff_max_s)
+            finally:
+                self.progress.idle()
+
+    def _forget_other_tasks(self, keep: str) -> None:
+        for d in self.tasks_dir.iterdir():
+            if d.is_dir() and d.name != keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    async def _do_task(self, api: Api, task: Task) -> None:
+        tdir = self.tasks_dir / task.task_id
+        await asyncio.to_thread(self._forget_other_tasks, task.task_id)
+        await asyncio.to_thread(tdir.mkdir, parents=True, exist_ok=True)
+        man = task.manifest
+        model = tdir / "model.safetensors"
+        update = tdir / "update.safetensors"
+        record = tdir / "update.json"
+        ids = f"job {task.job_id} round {task.round}/{task.num_rounds} task {task.task_id}"
+        log.info("%s: starting (%d bytes)", ids, man.file_size)
+
+        if await asyncio.to_thread(record.exists):
+            saved = json.loads(await asyncio.to_thread(record.read_text))
+            update_man = Manifest.model_validate(saved["manifest"])
+            result = TrainResult(saved["num_samples"], saved["metrics"])
+            log.info("%s: resuming with the update trained before", ids)
+        else:
+            self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
+            await download_model(api, task.model_url, man, model, self.cfg.transfer,
+                                 self.progress.add)
+            log.info("%s: model downloaded and verified", ids)
+            self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
+            ctx = TrainContext(site=self.cfg.name, job_id=task.job_id, task_id=task.task_id,
+                               round=task.round, num_samples=self.cfg.num_samples,
+                               progress=self.progress.add)
+            update_man, result = await asyncio.to_thread(_train, task, model, update, ctx)
+            saved = {"manifest": update_man.model_dump(mode="json"),
+                     "num_samples": result.num_samples, "metrics": result.metrics}
+            await asyncio.to_thread(_write_atomic, record, json.dumps(saved))
+            log.info("%s: training done", ids)
+            # the input model is no longer needed: free its disk before the upload
+            await asyncio.to_thread(model.unlink, True)
+        self.progress.start(task.task_id, Phase.UPLOADING, update_man.file_size)
+        await upload_update(api, task.task_id, update, update_man, self.cfg.transfer,
+                            self.progress.add)
+        await commit_update(api, task.task_id, update_man, result.num_samples, result.metrics)
+        log.info("%s: update committed", ids)
+        self.progress.start(task.task_id, Phase.DONE, update_man.file_size)
+        await asyncio.to_thread(shutil.rmtree, tdir, True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def install_stop_handlers(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)

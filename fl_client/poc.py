@@ -1,0 +1,375 @@
+"""``fl-poc``: run a whole federation on this machine and check the result bit for bit.
+
+It starts one server and two clients as real processes on loopback, submits a job, waits
+for it, downloads the initial and the final global model and checks, chunk by chunk,
+that the final model is the initial one with ``epsilon`` added once per round in the
+model's dtype: what the built-in ``add_epsilon`` trainer and a weighted average of
+identical updates must give. Neither model is ever loaded whole.
+
+Every process it starts is stopped on the way out (SIGTERM, then SIGKILL after a grace
+period), also on Ctrl-C and on SIGTERM to ``fl-poc`` itself: SIGTERM is turned into
+``KeyboardInterrupt`` because that is the one exception asyncio lets through its
+callbacks and tasks unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import aiohttp
+import numpy as np
+import yaml
+from safetensors import safe_open
+
+from common import wire
+from common.config import (
+    MIB,
+    AdminConfig,
+    ClientConfig,
+    JobConfig,
+    ServerConfig,
+    load_yaml,
+    parse_config,
+)
+from common.errors import FLError
+from common.modelio import ModelReader
+from common.tensorfile import element_window
+from fl_client.admin import api
+from fl_client.http import Api, make_session
+
+PROG = "fl-poc"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_JOB = PROJECT_ROOT / "configs/jobs/hello-numpy.yaml"
+SITES = ("site-1", "site-2")
+SEGMENT_MIB = 4
+HEALTH_TIMEOUT_S = 30.0
+HEALTH_POLL_S = 0.2
+HEALTH_REQUEST_S = 2.0
+STOP_GRACE_S = 10.0
+LOG_TAIL_BYTES = 4096
+VERIFY_CHUNK_BYTES = 8 * MIB
+# The built-in add_epsilon trainer's default, for job files that do not set epsilon.
+ADD_EPSILON_DEFAULT = 0.001
+
+
+class PocFailure(FLError):
+    """The run failed; ``detail`` (e.g. a log tail) is printed above the summary line."""
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Run a server and two clients locally and verify a job."
+    )
+    parser.add_argument("--job", type=Path, default=DEFAULT_JOB, metavar="JOB.yaml")
+    parser.add_argument(
+        "--workspace", type=Path, metavar="DIR", help="empty or new directory (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, metavar="S", help="limit for start-up and job"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the workspace on success")
+    return parser
+
+
+def free_port() -> int:
+    # Another process may take the port before the server binds it; fine for a local run.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc.strerror})"
+
+
+class Processes:
+    """The daemons this run started, each logging to a file in the workspace."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._files: list[IO[bytes]] = []
+
+    def start(self, name: str, module: str, config: Path) -> None:
+        env = dict(os.environ)
+        # The daemons import this checkout even when the project is not installed.
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])
+        )
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
+        self._files.append(log)
+        self._procs[name] = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.logs,
+            env=env,
+            # Own session: a terminal's Ctrl-C reaches fl-poc only, which stops them in order.
+            start_new_session=True,
+        )
+
+    def dead(self) -> dict[str, int]:
+        return {n: rc for n, p in self._procs.items() if (rc := p.poll()) is not None}
+
+    def check_alive(self) -> None:
+        if gone := self.dead():
+            name, rc = next(iter(gone.items()))
+            raise PocFailure(f"{name} exited with code {rc}", detail=self.log_tails(gone))
+
+    def log_tails(self, names: dict[str, int]) -> str:
+        return "\n".join(
+            f"--- last lines of {self.logs / n}.log ---\n{tail(self.logs / f'{n}.log')}"
+            for n in names
+        )
+
+    def stop_all(self) -> None:
+        """SIGTERM all, wait up to the grace period, SIGKILL what is left."""
+        try:
+            for p in self._procs.values():
+                if p.poll() is None:
+                    p.terminate()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in self._procs.values():
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        except KeyboardInterrupt:
+            pass  # a second interrupt while stopping: no more grace
+        finally:
+            for p in self._procs.values():
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            for f in self._files:
+                f.close()
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def write_configs(workspace: Path, port: int) -> tuple[Path, dict[str, Path]]:
+    """Write server.yaml and one file per site; each is validated before it is written."""
+    server = {
+        "host": "127.0.0.1",
+        "port": port,
+        "workspace": str(workspace / "server"),
+        "segment_mib": SEGMENT_MIB,
+    }
+    parse_config(server, ServerConfig, source="server.yaml")
+    write_yaml(workspace / "server.yaml", server)
+    clients: dict[str, Path] = {}
+    for site in SITES:
+        client = {
+            "name": site,
+            "server_url": f"http://127.0.0.1:{port}",
+            "workspace": str(workspace / site),
+            "num_samples": 1,
+        }
+        parse_config(client, ClientConfig, source=f"{site}.yaml")
+        write_yaml(workspace / f"{site}.yaml", client)
+        clients[site] = workspace / f"{site}.yaml"
+    return workspace / "server.yaml", clients
+
+
+def epsilon_of(job: JobConfig, source: Path) -> float:
+    if job.trainer.name != "add_epsilon":
+        raise PocFailure(
+            f"{source}: fl-poc can only verify add_epsilon jobs, not {job.trainer.name!r}"
+        )
+    value = job.trainer.params.get("epsilon", ADD_EPSILON_DEFAULT)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PocFailure(f"{source}: trainer.params.epsilon must be a number (got {value!r})")
+    return float(value)
+
+
+async def wait_healthy(session: aiohttp.ClientSession, url: str, procs: Processes) -> None:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            while True:
+                procs.check_alive()
+                try:
+                    timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_S)
+                    async with session.get(url + wire.HEALTH, timeout=timeout) as resp:
+                        if resp.status == 200:
+                            return
+                except (aiohttp.ClientError, TimeoutError):
+                    pass  # not listening yet
+                await asyncio.sleep(HEALTH_POLL_S)
+    except TimeoutError:
+        raise PocFailure(
+            f"the server did not answer {wire.HEALTH} within {HEALTH_TIMEOUT_S:g} s",
+            detail=procs.log_tails({"server": 0}),
+        ) from None
+
+
+class Watch:
+    """Progress lines, a liveness check of every daemon, and the latest status seen."""
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+        self.last: wire.JobStatus | None = None
+        self._progress = api.RoundProgress()
+
+    def __call__(self, status: wire.JobStatus) -> None:
+        self.last = status
+        self._progress(status)
+        self.procs.check_alive()
+
+
+async def run_job(
+    a: Api, job: JobConfig, procs: Processes, client_configs: dict[str, Path]
+) -> wire.JobStatus:
+    await wait_healthy(a.session, a.base_url, procs)
+    for site, config in client_configs.items():
+        procs.start(site, "fl_client", config)
+    job_id = (await api.submit(a, job)).job_id
+    print(f"{PROG}: submitted job {job_id} ({job.name})", flush=True)
+    return await api.wait_for_job(a, job_id, Watch(procs))
+
+
+def verify_models(initial: Path, final: Path, rounds: int, epsilon: float) -> int:
+    """Check final == initial + epsilon (rounds times); returns the model's data bytes."""
+    with ModelReader(initial) as a, ModelReader(final) as b:
+        if a.names != b.names:
+            raise PocFailure(
+                f"tensor names differ: initial {a.names[:3]}..., final {b.names[:3]}..."
+            )
+        for spec in a.layout.tensors:
+            other = b.layout.tensor(spec.name)
+            if (other.dtype, other.shape) != (spec.dtype, spec.shape):
+                raise PocFailure(f"tensor {spec.name!r}: dtype or shape changed")
+            dtype = spec.np_dtype
+            step = element_window(spec, VERIFY_CHUNK_BYTES)
+            got = np.empty(step, dtype=dtype)
+            start = np.empty(step, dtype=dtype)
+            for first in range(0, spec.numel, step):
+                n = min(step, spec.numel - first)
+                a.read_into(spec, first, start[:n])
+                b.read_into(other, first, got[:n])
+                expected = start[:n]
+                for _ in range(rounds):
+                    expected = (expected + dtype.type(epsilon)).astype(dtype)
+                if not np.array_equal(got[:n], expected):
+                    bad = np.flatnonzero(got[:n] != expected)
+                    i = int(bad[0])
+                    raise PocFailure(
+                        f"tensor {spec.name!r}: {bad.size} of {n} elements from {first} are "
+                        f"wrong; element {first + i} is {got[i]!r}, expected {expected[i]!r}"
+                    )
+        with safe_open(str(final), framework="numpy") as f:
+            names = set(f.keys())
+        if names != set(b.names):
+            raise PocFailure("safetensors reads different tensor names from the final model")
+        return b.layout.data_bytes
+
+
+async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> str:
+    """The whole run up to the verified result; returns the summary's details."""
+    job = parse_config(load_yaml(args.job), JobConfig, source=str(args.job))
+    epsilon = epsilon_of(job, args.job)
+    port = free_port()
+    server_config, client_configs = write_configs(workspace, port)
+    admin = parse_config({"server_url": f"http://127.0.0.1:{port}"}, AdminConfig, source=PROG)
+    print(f"{PROG}: workspace {workspace}, server {admin.server_url}", flush=True)
+    procs.start("server", "fl_server", server_config)
+    async with make_session(identity=None) as session:
+        a = Api(session, admin.server_url, admin.timeouts)
+        try:
+            async with asyncio.timeout(args.timeout):
+                status = await run_job(a, job, procs, client_configs)
+        except TimeoutError:
+            raise PocFailure(f"not done after {args.timeout:g} s") from None
+        info = status.job
+        if info.state != wire.JobState.FINISHED:
+            raise PocFailure(f"job {info.state}: {info.reason or 'no reason given'}")
+        if info.round != job.num_rounds:
+            raise PocFailure(f"job finished after {info.round} of {job.num_rounds} rounds")
+        out = workspace / "verify"
+        out.mkdir()
+        initial, final = out / "initial.safetensors", out / "final.safetensors"
+        await api.download_model(a, info.job_id, initial, round=0)
+        await api.download_model(a, info.job_id, final, round=job.num_rounds)
+    model_bytes = await asyncio.to_thread(verify_models, initial, final, job.num_rounds, epsilon)
+    clients = {t.client for t in status.tasks if t.state == wire.TaskState.COMMITTED}
+    return f"rounds={job.num_rounds} clients={len(clients)} model={model_bytes / MIB:.1f} MiB"
+
+
+def prepare_workspace(given: Path | None) -> tuple[Path, bool]:
+    """The workspace, and whether this run created it (only then may it delete it)."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix="fl-poc-")), True
+    existed = given.exists()
+    if existed and any(given.iterdir()):
+        raise PocFailure(f"--workspace {given} is not empty; give a new or empty directory")
+    given.mkdir(parents=True, exist_ok=True)
+    return given.resolve(), not existed
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    began = time.monotonic()
+    try:
+        workspace, created = prepare_workspace(args.workspace)
+    except (FLError, OSError) as exc:
+        print(f"{PROG}: FAILED {exc}")
+        return 1
+    (workspace / "logs").mkdir(exist_ok=True)
+    procs = Processes(workspace / "logs")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    failure = ""
+    try:
+        details = asyncio.run(drive(args, workspace, procs))
+    except PocFailure as exc:
+        failure = str(exc)
+        if exc.detail:
+            print(exc.detail, file=sys.stderr)
+    except (FLError, OSError) as exc:
+        failure = str(exc)
+        if gone := procs.dead():
+            print(procs.log_tails(gone), file=sys.stderr)
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+    wall = time.monotonic() - began
+    if failure:
+        reason = "; ".join(line.strip() for line in failure.splitlines() if line.strip())
+        print(f"{PROG}: FAILED {reason} (wall={wall:.1f}s, workspace kept: {workspace})")
+        return 1
+    if created and not args.keep:
+        shutil.rmtree(workspace, ignore_errors=True)
+    print(f"{PROG}: OK {details} wall={wall:.1f}s")
+    return 0

@@ -1,0 +1,78 @@
+"""Trainers: the built-in ``add_epsilon`` and the interface plugins implement.
+
+A trainer runs in a worker thread. It gets a read-only, chunked view of the global
+model (``ModelReader``) and writes its update through a streaming ``ModelWriter`` laid
+out exactly like the model (same tensors, dtypes, shapes, order), tensor after tensor.
+It may load whole tensors if it wants; the framework never does. It should call
+``ctx.progress(nbytes)`` as it goes: the server counts that as progress on the task, so
+``train_timeout`` only drops a trainer that has stopped moving.
+
+A plugin is named ``package.module:factory`` in the job file; ``factory(params)`` must
+return an object with ``train(model, update, ctx) -> TrainResult``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.config import BUILTIN_TRAINER, MIB, AddEpsilonParams, TrainerSpec
+from common.errors import ConfigError
+from common.modelio import ModelReader, ModelWriter
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    site: str
+    job_id: str
+    task_id: str
+    round: int
+    num_samples: int
+    progress: Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        ...
+
+
+class AddEpsilon:
+    """Adds ``epsilon`` to every element, chunk by chunk: the stand-in for local training."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = AddEpsilonParams.model_validate(params)
+
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        chunk_bytes = self.params.chunk_mib * MIB
+        for name in model.names:
+            for chunk in model.iter_chunks(name, chunk_bytes):
+                np.add(chunk, chunk.dtype.type(self.params.epsilon), out=chunk)
+                update.write(chunk, name=name)
+                ctx.progress(chunk.nbytes)
+        return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.params.epsilon})
+
+
+def load_trainer(spec: TrainerSpec) -> Trainer:
+    if spec.name == BUILTIN_TRAINER:
+        return AddEpsilon(spec.params)
+    module_name, _, attr = spec.name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"trainer {spec.name!r} cannot be loaded on this site: {exc}", field="trainer.name"
+        ) from None
+    trainer = factory(spec.params)
+    if not callable(getattr(trainer, "train", None)):
+        raise ConfigError(f"trainer {spec.name!r}: factory did not return an object with train()")
+    return trainer  # type: ignore[no-any-return]

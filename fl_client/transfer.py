@@ -1,0 +1,280 @@
+"""Moving models between client and server in segments, a window of them at a time.
+
+Downloads: each segment is one HTTP range request, written straight to its offset in
+``<model>.part`` through ``common.streams``; its digest is checked against the task's
+manifest and the segment is recorded in a journal file. After a broken connection or a
+restart only segments not in the (re-verified) journal are fetched again.
+
+Uploads: each segment is one streamed PUT whose answer is the server's acknowledgement
+(its digest of what it stored). Before sending, the client asks the server which
+segments it already holds, so a restart re-sends only what was in flight: at most one
+window. A digest mismatch re-sends the segment; repeated failures fail the transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+
+from common.config import TransferSettings
+from common.digest import segment_count, segment_range
+from common.errors import (
+    Conflict,
+    FLError,
+    IntegrityError,
+    ProtocolError,
+    RequestError,
+    ResumeMismatch,
+    TransferError,
+)
+from common.modelio import hash_file_segments
+from common.streams import receive_segment
+from common.tensorfile import Manifest
+from common.timeouts import ProgressTimer, Stage
+from common.wire import (
+    COMMIT,
+    DIGEST_HEADER,
+    UPLOAD_SEGMENT,
+    UPLOAD_STATUS,
+    CommitReply,
+    CommitRequest,
+    SegmentAck,
+    UploadStatus,
+)
+from fl_client.http import Api, raise_for_error
+
+log = logging.getLogger("fl_client.transfer")
+Progress = Callable[[int], None]
+RETRY_PAUSE_S = 0.5
+
+
+def _retryable(err: FLError) -> bool:
+    """Transport trouble and digest errors are worth another try; refusals are not."""
+    if isinstance(err, IntegrityError | TransferError):
+        return not isinstance(err, ResumeMismatch)
+    return isinstance(err, Conflict) and "already being received" in err.message
+
+
+async def _with_retries(what: str, attempts: int, op: Callable[[], object]) -> None:
+    for attempt in range(1, attempts + 1):
+        try:
+            await op()  # type: ignore[misc]
+            return
+        except FLError as err:
+            if not _retryable(err) or attempt == attempts:
+                if attempt > 1:
+                    raise type(err)(f"{what}: gave up after {attempt} attempts: {err.message}",
+                                    field=err.field) from err
+                raise
+            log.warning("%s: attempt %d failed (%s); retrying", what, attempt, err.message)
+            await asyncio.sleep(RETRY_PAUSE_S * attempt)
+
+
+async def _run_window(indices: list[int], window: int, fn: Callable[[int], object]) -> None:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in indices:
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await fn(queue.get_nowait())  # type: ignore[misc]
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(min(window, len(indices))):
+            tg.create_task(worker())
+
+
+def _journal_read(path: Path) -> dict[int, str]:
+    if not path.exists():
+        return {}
+    out: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            out[int(parts[0])] = parts[1]
+    return out
+
+
+def _journal_append(path: Path, index: int, digest: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{index} {digest}\n")
+
+
+def _prepare_part(part: Path, size: int) -> None:
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "ab") as f:
+        if os.fstat(f.fileno()).st_size != size:
+            f.truncate(size)
+
+
+def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
+    """Journal entries whose bytes on disk still match the manifest."""
+    claimed = [i for i, d in _journal_read(journal).items()
+               if i < man.num_segments and d == man.segment_digests[i]]
+    if not claimed or not part.exists():
+        return set()
+    actual = hash_file_segments(part, man.segment_bytes, claimed)
+    return {i for i in claimed if actual.get(i) == man.segment_digests[i]}
+
+
+async def download_model(
+    api: Api,
+    url_path: str,
+    man: Manifest,
+    dest: Path,
+    settings: TransferSettings,
+    progress: Progress,
+) -> None:
+    """Fetch the model into ``dest`` (resuming a previous partial download)."""
+    if dest.exists():
+        return
+    part = dest.with_name(dest.name + ".part")
+    journal = dest.with_name(dest.name + ".segments")
+    await asyncio.to_thread(_prepare_part, part, man.file_size)
+    done = await asyncio.to_thread(_verified_segments, part, journal, man)
+    if done:
+        log.info("download of %s resumes: %d of %d segments on disk", dest.name, len(done),
+                 man.num_segments)
+    progress(sum(segment_range(i, man.file_size, man.segment_bytes)[1]
+                 - segment_range(i, man.file_size, man.segment_bytes)[0] for i in done))
+    todo = [i for i in range(man.num_segments) if i not in done]
+    journal_lock = asyncio.Lock()
+    fd = await asyncio.to_thread(os.open, part, os.O_RDWR)
+    timeouts = api.timeouts
+
+    async def fetch(index: int) -> None:
+        start, end = segment_range(index, man.file_size, man.segment_bytes)
+        what = f"download of segment {index} of {dest.name}"
+        async with ProgressTimer(
+            timeouts.communication_timeout, stage=Stage.WAITING, peer=api.base_url, what=what
+        ) as timer:
+            try:
+                async with api.session.get(
+                    api.url(url_path), headers={"Range": f"bytes={start}-{end - 1}"}
+                ) as resp:
+                    timer.enter(Stage.RECEIVING)
+                    await raise_for_error(resp)
+                    if resp.status != 206 and not (resp.status == 200 and start == 0 and
+                                                   end == man.file_size):
+                        raise ProtocolError(f"{what}: server ignored the range (HTTP {resp.status})")
+                    digest = await receive_segment(
+                        resp.content.iter_any(), fd, start, end - start, timer=timer,
+                        read_timeout_s=timeouts.streaming_read_timeout,
+                        batch_bytes=settings.io_chunk_bytes,
+                    )
+            except (aiohttp.ClientError, OSError) as exc:
+                raise TransferError(f"{what} failed: {exc!r}") from exc
+        if digest != man.segment_digests[index]:
+            raise IntegrityError(f"{what}: digest {digest}, manifest says "
+                                 f"{man.segment_digests[index]}")
+        async with journal_lock:
+            await asyncio.to_thread(_journal_append, journal, index, digest)
+        progress(end - start)
+
+    try:
+        await _run_window(
+            todo, settings.window,
+            lambda i: _with_retries(f"segment {i} of {dest.name}",
+                                    settings.max_segment_attempts, lambda: fetch(i)),
+        )
+    finally:
+        await asyncio.to_thread(os.close, fd)
+    await asyncio.to_thread(os.replace, part, dest)
+    await asyncio.to_thread(journal.unlink, True)
+
+
+async def _file_chunks(
+    path: Path, start: int, end: int, chunk: int, timer: ProgressTimer
+) -> AsyncIterator[bytes]:
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            data = await asyncio.to_thread(os.pread, fd, min(chunk, end - pos), pos)
+            if not data:
+                raise TransferError(f"{path} ends at byte {pos}, before the update's end")
+            pos += len(data)
+            timer.progress(len(data))
+            yield data
+    finally:
+        await asyncio.to_thread(os.close, fd)
+
+
+async def upload_update(
+    api: Api,
+    task_id: str,
+    path: Path,
+    man: Manifest,
+    settings: TransferSettings,
+    progress: Progress,
+) -> UploadStatus:
+    """Send the update's segments the server does not hold yet; return the final status."""
+    status = await api.call("GET", UPLOAD_STATUS.format(task_id=task_id), UploadStatus)
+    assert status is not None
+    if status.file_size != man.file_size or status.segment_bytes != man.segment_bytes:
+        raise ResumeMismatch(
+            f"server expects an update of {status.file_size} bytes in segments of "
+            f"{status.segment_bytes}; ours is {man.file_size} bytes in {man.segment_bytes}"
+        )
+    held = set(status.segments_done)
+    if held:
+        log.info("upload of task %s resumes: server holds %d of %d segments", task_id, len(held),
+                 status.num_segments)
+    progress(min(man.file_size, len(held) * man.segment_bytes))
+    todo = [i for i in range(status.num_segments) if i not in held]
+    timeouts = api.timeouts
+
+    async def send(index: int) -> None:
+        start, end = segment_range(index, man.file_size, man.segment_bytes)
+        what = f"upload of segment {index} of task {task_id}"
+        async with ProgressTimer(
+            timeouts.communication_timeout, stage=Stage.SENDING, peer=api.base_url, what=what
+        ) as timer:
+            body = _file_chunks(path, start, end, settings.io_chunk_bytes, timer)
+
+            async def then_wait() -> AsyncIterator[bytes]:
+                async for data in body:
+                    yield data
+                timer.enter(Stage.WAITING, timeouts.streaming_ack_wait)
+
+            try:
+                async with api.session.put(
+                    api.url(UPLOAD_SEGMENT.format(task_id=task_id, index=index)),
+                    data=then_wait(),
+                    headers={DIGEST_HEADER: man.segment_digests[index]},
+                ) as resp:
+                    timer.enter(Stage.RECEIVING, timeouts.communication_timeout)
+                    await raise_for_error(resp)
+                    ack = SegmentAck.model_validate_json(await resp.read())
+            except (aiohttp.ClientError, OSError) as exc:
+                raise TransferError(f"{what} failed: {exc!r}") from exc
+        if ack.digest != man.segment_digests[index] or (ack.start, ack.end) != (start, end):
+            raise IntegrityError(f"{what}: server acknowledged {ack}, expected {start}-{end} "
+                                 f"with digest {man.segment_digests[index]}")
+        progress(end - start)
+
+    await _run_window(
+        todo, settings.window,
+        lambda i: _with_retries(f"segment {i} of task {task_id}", settings.max_segment_attempts,
+                                lambda: send(i)),
+    )
+    return status
+
+
+async def commit_update(
+    api: Api, task_id: str, man: Manifest, num_samples: int, metrics: dict[str, float]
+) -> CommitReply:
+    reply = await api.call(
+        "POST",
+        COMMIT.format(task_id=task_id),
+        CommitReply,
+        body=CommitRequest(digest=man.digest, num_samples=num_samples, metrics=metrics),
+    )
+    if reply is None:
+        raise RequestError("commit got no answer")
+    return reply

@@ -1,0 +1,153 @@
+"""Unit tests for common.timeouts: the progress timer (real time, generous margins)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.errors import TransferError, TransferTimeout
+from common.timeouts import ProgressTimer, Stage
+
+PEER = "http://10.0.0.7:8470"
+WHAT = "PUT /segments/3"
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def test_stage_values() -> None:
+    assert Stage.SENDING.value == "sending"
+    assert Stage.WAITING.value == "waiting for the first byte of the answer"
+    assert Stage.RECEIVING.value == "receiving"
+    assert Stage.HANDING_OVER.value == "handing a received chunk to the disk writer"
+
+
+async def test_steady_progress_never_times_out() -> None:
+    start = _now()
+    async with ProgressTimer(0.2, stage=Stage.RECEIVING, peer=PEER, what=WHAT) as timer:
+        for _ in range(12):  # 0.6 s in total, three times the period
+            await asyncio.sleep(0.05)
+            timer.progress(1000)
+    assert timer.bytes_moved == 12_000
+    assert _now() - start >= 0.55
+
+
+async def test_stall_times_out_naming_stage_peer_and_bytes() -> None:
+    start = _now()
+    with pytest.raises(TransferTimeout) as exc:
+        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+            timer.progress(4096)
+            timer.progress(100)
+            await asyncio.sleep(10)
+    elapsed = _now() - start
+    assert 0.2 <= elapsed < 1.5
+    msg = str(exc.value)
+    assert Stage.SENDING.value in msg
+    assert PEER in msg
+    assert WHAT in msg
+    assert "after 4196 bytes" in msg
+    assert "no progress for 0.2 s" in msg
+    assert isinstance(exc.value, TransferError)
+    assert exc.value.code == "transfer_timeout"
+    assert isinstance(exc.value.__cause__, TimeoutError)
+
+
+async def test_stall_after_progress_counts_from_last_progress() -> None:
+    start = _now()
+    with pytest.raises(TransferTimeout) as exc:
+        async with ProgressTimer(0.2, stage=Stage.RECEIVING, peer=PEER, what=WHAT) as timer:
+            for _ in range(6):  # 0.3 s of progress, longer than one period
+                await asyncio.sleep(0.05)
+                timer.progress(10)
+            last = _now()
+            await asyncio.sleep(10)
+    fired = _now()
+    assert fired - start >= 0.5
+    assert 0.2 <= fired - last < 1.5
+    assert "receiving after 60 bytes" in str(exc.value)
+
+
+async def test_progress_without_bytes_still_resets_clock() -> None:
+    async with ProgressTimer(0.2, stage=Stage.HANDING_OVER, peer=PEER, what=WHAT) as timer:
+        for _ in range(8):
+            await asyncio.sleep(0.05)
+            timer.progress()
+    assert timer.bytes_moved == 0
+
+
+async def test_enter_overrides_period_and_names_new_stage() -> None:
+    start = _now()
+    with pytest.raises(TransferTimeout) as exc:
+        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+            timer.progress(7)
+            timer.enter(Stage.WAITING, 0.6)
+            await asyncio.sleep(0.4)  # longer than 0.2 s, shorter than 0.6 s: no timeout
+            reached = _now()
+            await asyncio.sleep(10)
+    fired = _now()
+    assert reached - start >= 0.35
+    assert 0.55 <= fired - start < 2.0
+    msg = str(exc.value)
+    assert Stage.WAITING.value in msg
+    assert "no progress for 0.6 s" in msg
+    assert "after 7 bytes" in msg
+
+
+async def test_enter_without_period_keeps_period_and_restarts_clock() -> None:
+    with pytest.raises(TransferTimeout) as exc:
+        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+            await asyncio.sleep(0.15)
+            timer.enter(Stage.RECEIVING)
+            await asyncio.sleep(0.15)  # 0.3 s since the start, 0.15 s in this stage
+            assert timer.stage is Stage.RECEIVING
+            await asyncio.sleep(10)
+    assert "no progress for 0.2 s while receiving" in str(exc.value)
+
+
+async def test_period_none_never_fires() -> None:
+    start = _now()
+    async with ProgressTimer(None, stage=Stage.WAITING, peer=PEER, what=WHAT) as timer:
+        await asyncio.sleep(0.3)
+        timer.enter(Stage.RECEIVING)
+        await asyncio.sleep(0.1)
+    assert timer.stage is Stage.RECEIVING
+    assert _now() - start >= 0.35
+
+
+async def test_enter_can_set_period_on_unlimited_timer() -> None:
+    with pytest.raises(TransferTimeout, match="no progress for 0.2 s while sending"):
+        async with ProgressTimer(None, stage=Stage.WAITING, peer=PEER, what=WHAT) as timer:
+            timer.enter(Stage.SENDING, 0.2)
+            await asyncio.sleep(10)
+
+
+async def test_body_exception_passes_through_unchanged() -> None:
+    with pytest.raises(ValueError, match="from the body"):
+        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT):
+            raise ValueError("from the body")
+
+
+async def test_body_timeout_error_is_not_renamed() -> None:
+    """A TimeoutError raised by the body itself is not mistaken for the timer's."""
+    with pytest.raises(TimeoutError) as exc:
+        async with ProgressTimer(5, stage=Stage.SENDING, peer=PEER, what=WHAT):
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(10)
+    assert not isinstance(exc.value, TransferTimeout)
+
+
+async def test_nothing_fires_after_exit() -> None:
+    async with ProgressTimer(0.1, stage=Stage.SENDING, peer=PEER, what=WHAT):
+        await asyncio.sleep(0.01)
+    # The task must not be cancelled later by a leftover timer handle.
+    await asyncio.sleep(0.3)
+
+
+async def test_timers_nest_and_only_the_stalled_one_fires() -> None:
+    with pytest.raises(TransferTimeout, match="inner"):
+        async with ProgressTimer(5, stage=Stage.SENDING, peer=PEER, what="outer") as outer:
+            outer.progress(1)
+            async with ProgressTimer(0.15, stage=Stage.RECEIVING, peer=PEER, what="inner"):
+                await asyncio.sleep(10)
