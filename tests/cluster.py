@@ -1,0 +1,201 @@
+"""Real server and client processes on loopback, for integration tests and benchmarks.
+
+Everything goes through the real commands (``python -m fl_server`` / ``fl_client``)
+and the real HTTP API; nothing is mocked. Each process logs to a file in the test's
+directory, shown when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return int(self.popen.returncode)
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def spawn(name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    f = open(log, "ab")  # noqa: SIM115 - the child owns it
+    popen = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
+                             env=full_env, cwd=REPO, start_new_session=True)
+    f.close()
+    return Proc(name, popen, log)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class Cluster:
+    root: Path
+    segment_mib: int = 1
+    server_extra: dict[str, Any] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    server: Proc | None = None
+    clients: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_yaml(self, name: str, data: dict[str, Any]) -> Path:
+        path = self.root / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def start_server(self, wait: bool = True) -> Proc:
+        cfg = {"host": "127.0.0.1", "port": self.port, "workspace": str(self.root / "server"),
+               "segment_mib": self.segment_mib, **self.server_extra}
+        path = self.write_yaml("server.yaml", cfg)
+        self.server = spawn("server", ["-m", "fl_server", "--config", str(path)],
+                            self.root / "server.log")
+        if wait:
+            self.wait_healthy()
+        return self.server
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.server is not None
+            if not self.server.alive():
+                raise RuntimeError(f"server exited:\n{self.server.tail()}")
+            try:
+                self.get("/v1/health")
+                return
+            except (OSError, ApiError):
+                time.sleep(0.1)
+        raise RuntimeError("server did not become healthy")
+
+    def start_client(self, name: str, num_samples: int = 1, **extra: Any) -> Proc:
+        cfg = {"name": name, "server_url": self.url, "workspace": str(self.root / name),
+               "num_samples": num_samples, **extra}
+        path = self.write_yaml(f"{name}.yaml", cfg)
+        proc = spawn(name, ["-m", "fl_client", "--config", str(path)], self.root / f"{name}.log")
+        self.clients[name] = proc
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.clients.values():
+            p.stop()
+        if self.server is not None:
+            self.server.stop()
+
+    def logs(self) -> str:
+        procs = [p for p in [self.server, *self.clients.values()] if p is not None]
+        return "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
+
+    # HTTP
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise ApiError(exc.code, json.loads(exc.read() or b"{}")) from None
+        return json.loads(raw) if raw else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def submit(self, job: dict[str, Any]) -> str:
+        return str(self.request("POST", "/v1/admin/jobs", {"config": job})["job_id"])
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.get(f"/v1/admin/jobs/{job_id}")
+        return result
+
+    def wait_job(self, job_id: str, timeout: float = 120.0,
+                 states: tuple[str, ...] = ("finished", "failed", "aborted")) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(job_id)
+            if st["job"]["state"] in states:
+                return st
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} not done in {timeout} s:\n{self.logs()}")
+
+    def wait_for(self, pred: Any, timeout: float = 60.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"{what} not reached in {timeout} s:\n{self.logs()}")
+
+    def model_path(self, job_id: str, rnd: int) -> Path:
+        return self.root / "server" / "jobs" / job_id / "models" / f"round-{rnd}.safetensors"
+
+    def download(self, job_id: str, rnd: int, dest: Path) -> Path:
+        url = f"{self.url}/v1/admin/jobs/{job_id}/model?round={rnd}"
+        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as f:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+        return dest
+
+
+def small_job(name: str = "test-job", *, rounds: int = 3, clients: int = 2,
+              tensors: int = 6, shape: list[int] | None = None, epsilon: float = 0.001,
+              **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "num_rounds": rounds,
+        "min_clients": clients,
+        "model": {"kind": "generated", "num_tensors": tensors,
+                  "tensor_shape": shape or [301, 257], "dtype": "float32", "seed": 7},
+        "trainer": {"name": "add_epsilon", "params": {"epsilon": epsilon}},
+        **extra,
+    }
