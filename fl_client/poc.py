@@ -235,6 +235,12 @@ class Watch:
         self.last: wire.JobStatus | None = None
         self._progress = api.RoundProgress()
 
+    def describe(self) -> str:
+        if self.last is None:
+            return "the job was not submitted yet"
+        job = self.last.job
+        return f"job {job.state}, round {job.round}/{job.num_rounds}"
+
     def __call__(self, status: wire.JobStatus) -> None:
         self.last = status
         self._progress(status)
@@ -242,14 +248,15 @@ class Watch:
 
 
 async def run_job(
-    a: Api, job: JobConfig, procs: Processes, client_configs: dict[str, Path]
+    a: Api, job: JobConfig, watch: Watch, client_configs: dict[str, Path]
 ) -> wire.JobStatus:
+    procs = watch.procs
     await wait_healthy(a.session, a.base_url, procs)
     for site, config in client_configs.items():
         procs.start(site, "fl_client", config)
     job_id = (await api.submit(a, job)).job_id
     print(f"{PROG}: submitted job {job_id} ({job.name})", flush=True)
-    return await api.wait_for_job(a, job_id, Watch(procs))
+    return await api.wait_for_job(a, job_id, watch)
 
 
 def verify_models(initial: Path, final: Path, rounds: int, epsilon: float) -> int:
@@ -278,8 +285,9 @@ def verify_models(initial: Path, final: Path, rounds: int, epsilon: float) -> in
                     bad = np.flatnonzero(got[:n] != expected)
                     i = int(bad[0])
                     raise PocFailure(
-                        f"tensor {spec.name!r}: {bad.size} of {n} elements from {first} are "
-                        f"wrong; element {first + i} is {got[i]!r}, expected {expected[i]!r}"
+                        f"tensor {spec.name!r}: {bad.size} of the {n} elements in "
+                        f"[{first}, {first + n}) differ; element {first + i} is {got[i]!s}, "
+                        f"expected {expected[i]!s} (initial {start[i]!s} + {epsilon} x {rounds})"
                     )
         with safe_open(str(final), framework="numpy") as f:
             names = set(f.keys())
@@ -299,11 +307,12 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
     procs.start("server", "fl_server", server_config)
     async with make_session(identity=None) as session:
         a = Api(session, admin.server_url, admin.timeouts)
+        watch = Watch(procs)
         try:
             async with asyncio.timeout(args.timeout):
-                status = await run_job(a, job, procs, client_configs)
+                status = await run_job(a, job, watch, client_configs)
         except TimeoutError:
-            raise PocFailure(f"not done after {args.timeout:g} s") from None
+            raise PocFailure(f"not done after {args.timeout:g} s: {watch.describe()}") from None
         info = status.job
         if info.state != wire.JobState.FINISHED:
             raise PocFailure(f"job {info.state}: {info.reason or 'no reason given'}")
@@ -358,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FLError, OSError) as exc:
         failure = str(exc)
         if gone := procs.dead():
+            # A daemon's death is the cause; the error the run saw is its symptom.
+            exits = ", ".join(f"{name} exited with code {rc}" for name, rc in gone.items())
+            failure = f"{exits}; then: {failure}"
             print(procs.log_tails(gone), file=sys.stderr)
     except KeyboardInterrupt:
         failure = "interrupted"

@@ -438,9 +438,7 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert str(exc.value).startswith(f"{tmp_path}: cannot read")
 
 
-@pytest.mark.parametrize(
-    "text", ["a: [1, 2\n", "a: b: c\n", "x: {\n", "\t- tab\n"]
-)
+@pytest.mark.parametrize("text", ["a: [1, 2\n", "a: b: c\n", "x: {\n", "\t- tab\n"])
 def test_invalid_yaml(tmp_path: Path, text: str) -> None:
     path, err = _error(tmp_path, text, ServerConfig)
     assert str(err).startswith(f"{path}: not valid YAML")

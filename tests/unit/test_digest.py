@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import xxhash
@@ -176,6 +178,6 @@ def test_segment_ranges_tile_the_file(total: int, seg: int) -> None:
     ranges = [segment_range(i, total, seg) for i in range(segment_count(total, seg))]
     assert ranges[0][0] == 0
     assert ranges[-1][1] == total
-    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(ranges):
         assert end == start
     assert all(0 < e - s <= seg for s, e in ranges) or total == 0

@@ -67,9 +67,7 @@ def _write(
 
 
 def _slices(blob: bytes, seg: int) -> list[str]:
-    return [
-        xxhash.xxh3_64_hexdigest(blob[i : i + seg]) for i in range(0, max(len(blob), 1), seg)
-    ]
+    return [xxhash.xxh3_64_hexdigest(blob[i : i + seg]) for i in range(0, max(len(blob), 1), seg)]
 
 
 # --- writing -------------------------------------------------------------------------
@@ -190,7 +188,11 @@ def test_manifest_differs_when_data_differs(tmp_path: Path) -> None:
     m2 = _write(tmp_path / "b.st", values, segment_bytes=64)
     assert m1.layout == m2.layout
     assert m1.digest != m2.digest
-    diff = [i for i, (x, y) in enumerate(zip(m1.segment_digests, m2.segment_digests)) if x != y]
+    diff = [
+        i
+        for i, (x, y) in enumerate(zip(m1.segment_digests, m2.segment_digests, strict=True))
+        if x != y
+    ]
     assert len(diff) == 1
 
 
@@ -199,26 +201,32 @@ def test_manifest_differs_when_data_differs(tmp_path: Path) -> None:
 
 def test_writer_rejects_wrong_dtype(tmp_path: Path) -> None:
     path = tmp_path / "m.st"
-    with pytest.raises(ModelFormatError, match="chunk has dtype float64") as exc:
-        with ModelWriter(path, [("a", "F32", (4,))], segment_bytes=8) as w:
-            w.write(np.zeros(2, dtype=np.float64))
+    with (
+        pytest.raises(ModelFormatError, match="chunk has dtype float64") as exc,
+        ModelWriter(path, [("a", "F32", (4,))], segment_bytes=8) as w,
+    ):
+        w.write(np.zeros(2, dtype=np.float64))
     assert "'a'" in str(exc.value)
     assert not (tmp_path / "m.st.part").exists()
     assert not path.exists()
 
 
 def test_writer_rejects_big_endian(tmp_path: Path) -> None:
-    with pytest.raises(ModelFormatError, match="chunk has dtype"):
-        with ModelWriter(tmp_path / "m.st", [("a", "F32", (4,))], segment_bytes=8) as w:
-            w.write(np.zeros(4, dtype=">f4"))
+    with (
+        pytest.raises(ModelFormatError, match="chunk has dtype"),
+        ModelWriter(tmp_path / "m.st", [("a", "F32", (4,))], segment_bytes=8) as w,
+    ):
+        w.write(np.zeros(4, dtype=">f4"))
 
 
 def test_writer_rejects_too_many_bytes(tmp_path: Path) -> None:
     path = tmp_path / "m.st"
-    with pytest.raises(ModelFormatError) as exc:
-        with ModelWriter(path, [("a", "F32", (4,)), ("b", "F32", (1,))], segment_bytes=8) as w:
-            w.write(np.zeros(3, dtype=np.float32))
-            w.write(np.zeros(2, dtype=np.float32))  # 20 bytes into a 16-byte tensor
+    with (
+        pytest.raises(ModelFormatError) as exc,
+        ModelWriter(path, [("a", "F32", (4,)), ("b", "F32", (1,))], segment_bytes=8) as w,
+    ):
+        w.write(np.zeros(3, dtype=np.float32))
+        w.write(np.zeros(2, dtype=np.float32))  # 20 bytes into a 16-byte tensor
     msg = str(exc.value)
     assert "'a'" in msg
     assert "20 bytes written" in msg
@@ -227,26 +235,34 @@ def test_writer_rejects_too_many_bytes(tmp_path: Path) -> None:
 
 
 def test_writer_rejects_write_after_last_tensor(tmp_path: Path) -> None:
-    with pytest.raises(ModelFormatError, match="already written"):
-        with ModelWriter(tmp_path / "m.st", [("a", "U8", (2,))], segment_bytes=8) as w:
-            w.write(np.zeros(2, dtype=np.uint8))
-            w.write(np.zeros(1, dtype=np.uint8))
+    with (
+        pytest.raises(ModelFormatError, match="already written"),
+        ModelWriter(tmp_path / "m.st", [("a", "U8", (2,))], segment_bytes=8) as w,
+    ):
+        w.write(np.zeros(2, dtype=np.uint8))
+        w.write(np.zeros(1, dtype=np.uint8))
     assert not (tmp_path / "m.st.part").exists()
 
 
 def test_writer_rejects_wrong_name(tmp_path: Path) -> None:
-    with pytest.raises(ModelFormatError, match="expected data for tensor 'a', got 'b'"):
-        with ModelWriter(tmp_path / "m.st", [("a", "U8", (2,)), ("b", "U8", (2,))], segment_bytes=8) as w:
-            w.write(np.zeros(2, dtype=np.uint8), name="b")
+    with (
+        pytest.raises(ModelFormatError, match="expected data for tensor 'a', got 'b'"),
+        ModelWriter(
+            tmp_path / "m.st", [("a", "U8", (2,)), ("b", "U8", (2,))], segment_bytes=8
+        ) as w,
+    ):
+        w.write(np.zeros(2, dtype=np.uint8), name="b")
 
 
 def test_writer_finish_rejects_incomplete_tensor(tmp_path: Path) -> None:
     path = tmp_path / "m.st"
-    with pytest.raises(ModelFormatError) as exc:
-        with ModelWriter(path, [("a", "F32", (4,)), ("b", "F32", (2,))], segment_bytes=8) as w:
-            w.write(np.zeros(4, dtype=np.float32))
-            w.write(np.zeros(1, dtype=np.float32))
-            w.finish()
+    with (
+        pytest.raises(ModelFormatError) as exc,
+        ModelWriter(path, [("a", "F32", (4,)), ("b", "F32", (2,))], segment_bytes=8) as w,
+    ):
+        w.write(np.zeros(4, dtype=np.float32))
+        w.write(np.zeros(1, dtype=np.float32))
+        w.finish()
     assert "tensor 'b' is incomplete: 4 of 8 bytes written" in str(exc.value)
     assert not path.exists()
     assert not (tmp_path / "m.st.part").exists()
@@ -383,7 +399,7 @@ def test_iter_chunks_known_split(model: tuple[Path, dict[str, Arr]]) -> None:
 
 
 def test_iter_chunks_are_independent_arrays(model: tuple[Path, dict[str, Arr]]) -> None:
-    path, values = model
+    path, _ = model
     with ModelReader(path) as r:
         chunks = list(r.iter_chunks("u8", 4))
     chunks[0][:] = 0

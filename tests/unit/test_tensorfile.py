@@ -117,7 +117,7 @@ def test_plan_layout_offsets_exact() -> None:
 
 
 def test_plan_layout_header_bytes() -> None:
-    layout, head = plan_layout(TENSORS, metadata={"round": "3"})
+    _, head = plan_layout(TENSORS, metadata={"round": "3"})
     (n,) = struct.unpack("<Q", head[:8])
     assert n == len(head) - 8
     assert n % 8 == 0
@@ -320,9 +320,7 @@ def test_parse_header_rejects_file_ending_inside_header() -> None:
 # Known gaps: parse_header should turn every bad header into ModelFormatError, but some
 # entries reach TensorSpec's pydantic validation and leak a ValidationError, and some
 # impossible shapes are accepted. See the report; remove the xfail once fixed.
-@pytest.mark.xfail(
-    strict=True, reason="bug: pydantic ValidationError leaks out of parse_header"
-)
+@pytest.mark.xfail(strict=True, reason="bug: pydantic ValidationError leaks out of parse_header")
 @pytest.mark.parametrize(
     "obj",
     [
@@ -339,9 +337,7 @@ def test_parse_header_bad_values_raise_model_format_error(obj: object) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="bug: negative or fractional dims are accepted")
-@pytest.mark.parametrize(
-    "shape", [[-1, -1], [1.7], [True]], ids=["negative", "fractional", "bool"]
-)
+@pytest.mark.parametrize("shape", [[-1, -1], [1.7], [True]], ids=["negative", "fractional", "bool"])
 def test_parse_header_rejects_invalid_dims(shape: list[object]) -> None:
     head = _head({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}})
     with pytest.raises(ModelFormatError):

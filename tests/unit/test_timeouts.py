@@ -96,13 +96,16 @@ async def test_enter_overrides_period_and_names_new_stage() -> None:
 
 
 async def test_enter_without_period_keeps_period_and_restarts_clock() -> None:
+    reached = False
     with pytest.raises(TransferTimeout) as exc:
         async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
             await asyncio.sleep(0.15)
             timer.enter(Stage.RECEIVING)
             await asyncio.sleep(0.15)  # 0.3 s since the start, 0.15 s in this stage
+            reached = True
             assert timer.stage is Stage.RECEIVING
             await asyncio.sleep(10)
+    assert reached, "entering a stage must restart the clock"
     assert "no progress for 0.2 s while receiving" in str(exc.value)
 
 
@@ -117,7 +120,7 @@ async def test_period_none_never_fires() -> None:
 
 
 async def test_enter_can_set_period_on_unlimited_timer() -> None:
-    with pytest.raises(TransferTimeout, match="no progress for 0.2 s while sending"):
+    with pytest.raises(TransferTimeout, match=r"no progress for 0\.2 s while sending"):
         async with ProgressTimer(None, stage=Stage.WAITING, peer=PEER, what=WHAT) as timer:
             timer.enter(Stage.SENDING, 0.2)
             await asyncio.sleep(10)
@@ -151,3 +154,16 @@ async def test_timers_nest_and_only_the_stalled_one_fires() -> None:
             outer.progress(1)
             async with ProgressTimer(0.15, stage=Stage.RECEIVING, peer=PEER, what="inner"):
                 await asyncio.sleep(10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "bug: enter(stage, None) keeps the previous period, so a `null` (no limit) "
+        "streaming_ack_wait passed as in fl_client/transfer.py still times out"
+    ),
+)
+async def test_enter_with_none_period_means_no_limit() -> None:
+    async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+        timer.enter(Stage.WAITING, None)  # e.g. Timeouts(streaming_ack_wait=None)
+        await asyncio.sleep(0.35)
