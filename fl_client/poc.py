@@ -385,3 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workspace, ignore_errors=True)
     print(f"{PROG}: OK {details} wall={wall:.1f}s")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

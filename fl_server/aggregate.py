@@ -1,25 +1,47 @@
 """Weighted averaging on disk, one bounded chunk at a time (blocking: run in a thread).
 
-The accumulator holds sum(w_i * x_i) in float64, tensor after tensor in model order.
-Each fold reads the previous accumulator version and the update and writes the next
-version (``acc-{n}`` -> ``acc-{n+1}``), so a crash mid-fold leaves the last recorded
-version intact and the fold is simply redone. ``finalize`` divides by the total weight
-and writes the next global model in the model's dtype. With integer weights,
-``w * x`` of a float32 value is exact in float64, so the result equals numpy's
-``average(..., weights=...)`` computed in float64 and cast back.
+Theory of operation. A round's running aggregate is a list of *sources* whose weighted
+sum is sum(w_i * x_i): an update file (model dtype, scaled by its weight on the fly) or
+a float64 accumulator file (already weighted). Every step reads its sources chunk by
+chunk, sums them in float64 in a fixed order, and writes one output:
+
+- ``fold``: the sum, as a new float64 accumulator (``acc-{n}``), so spool files of
+  updates already counted can be deleted while other clients are still uploading;
+- ``finalize``: the sum divided by the total weight, cast to the model's dtype, as the
+  next global model.
+
+The first update of a round is not copied anywhere: its spool file already is the
+aggregate. With two clients a round then writes the next global model once and nothing
+else, instead of a float64 accumulator per update; disk traffic is the limit of this
+whole system, so that matters. Outputs are written beside their final name and renamed,
+so a crash mid-step leaves the previous state intact and the step is redone.
+
+With integer weights, ``w * x`` of a float32 value is exact in float64, so the result
+equals numpy's ``average(..., weights=...)`` computed in float64 and cast back.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
-from common.modelio import ModelReader, ModelWriter, fsync_dir
-from common.tensorfile import Layout, Manifest, TensorSpec, element_window
+from common.modelio import ModelWriter, fsync_dir
+from common.tensorfile import Layout, Manifest, TensorSpec
 
 ACC_DTYPE = np.dtype("<f8")
+
+
+@dataclass(frozen=True)
+class Source:
+    """An update file scaled by ``weight``, or (``weight`` None) a float64 accumulator."""
+
+    path: Path
+    weight: float | None
 
 
 def _acc_offsets(layout: Layout) -> list[tuple[TensorSpec, int]]:
@@ -30,80 +52,76 @@ def _acc_offsets(layout: Layout) -> list[tuple[TensorSpec, int]]:
     return out
 
 
-def _pread_into(fd: int, out: np.ndarray, pos: int) -> None:
-    view = memoryview(out).cast("B")
+def _pread_into(fd: int, out: npt.NDArray[np.generic], pos: int) -> None:
+    view = out.data.cast("B")
     while view.nbytes:
         n = os.preadv(fd, [view], pos)
         if n == 0:
-            raise OSError(f"accumulator ends early at byte {pos}")
+            raise OSError(f"file ends early at byte {pos}")
         view, pos = view[n:], pos + n
 
 
-def fold(
-    update: Path,
-    layout: Layout,
-    acc_in: Path | None,
-    acc_out: Path,
-    weight: float,
-    chunk_bytes: int,
-) -> None:
-    """Write ``acc_out = acc_in + weight * update`` (``acc_in`` None: start from zero)."""
+def _sums(
+    sources: Sequence[Source], layout: Layout, chunk_bytes: int
+) -> Iterator[tuple[TensorSpec, npt.NDArray[np.float64]]]:
+    """Yield (tensor, float64 chunk of the weighted sum), tensor after tensor, in order.
+
+    The yielded buffer is reused: the consumer must be done with it before the next one.
+    """
     step = max(1, chunk_bytes // ACC_DTYPE.itemsize)
-    scratch = np.empty(step * ACC_DTYPE.itemsize, dtype=np.uint8)
+    total = np.empty(step, dtype=ACC_DTYPE)
     term = np.empty(step, dtype=ACC_DTYPE)
-    acc = np.empty(step, dtype=ACC_DTYPE)
-    tmp = acc_out.with_name(acc_out.name + ".part")
-    in_fd = os.open(acc_in, os.O_RDONLY) if acc_in is not None else -1
+    raw = np.empty(step * ACC_DTYPE.itemsize, dtype=np.uint8)
+    fds = [os.open(s.path, os.O_RDONLY) for s in sources]
     try:
-        with ModelReader(update, layout) as reader, open(tmp, "wb") as out:
-            for spec, acc_pos in _acc_offsets(layout):
-                per = min(step, element_window(spec, chunk_bytes))
-                for first in range(0, spec.numel, per):
-                    n = min(per, spec.numel - first)
-                    u = scratch[: n * spec.np_dtype.itemsize].view(spec.np_dtype)
-                    reader.read_into(spec, first, u)
-                    t = term[:n]
-                    np.multiply(u, weight, out=t, dtype=ACC_DTYPE)
-                    if in_fd >= 0:
-                        a = acc[:n]
-                        _pread_into(in_fd, a, acc_pos + first * ACC_DTYPE.itemsize)
-                        np.add(a, t, out=t)
-                    out.write(memoryview(t).cast("B"))
-            out.flush()
-            os.fsync(out.fileno())
+        for spec, acc_pos in _acc_offsets(layout):
+            isz = spec.np_dtype.itemsize
+            for first in range(0, spec.numel, step):
+                n = min(step, spec.numel - first)
+                for k, (src, fd) in enumerate(zip(sources, fds, strict=True)):
+                    dst = total[:n] if k == 0 else term[:n]
+                    if src.weight is None:
+                        _pread_into(fd, dst, acc_pos + first * ACC_DTYPE.itemsize)
+                    else:
+                        u = raw[: n * isz].view(spec.np_dtype)
+                        _pread_into(fd, u, layout.data_offset + spec.begin + first * isz)
+                        np.multiply(u, src.weight, out=dst, dtype=ACC_DTYPE)
+                    if k:
+                        np.add(total[:n], dst, out=total[:n])
+                yield spec, total[:n]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def fold(sources: Sequence[Source], layout: Layout, out: Path, chunk_bytes: int) -> None:
+    """Write the weighted sum of ``sources`` as a float64 accumulator at ``out``."""
+    tmp = out.with_name(out.name + ".part")
+    try:
+        with open(tmp, "wb") as f:
+            for _, chunk in _sums(sources, layout, chunk_bytes):
+                f.write(chunk.data.cast("B"))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        if in_fd >= 0:
-            os.close(in_fd)
-    tmp.replace(acc_out)
-    fsync_dir(acc_out.parent)
+    tmp.replace(out)
 
 
 def finalize(
-    acc: Path,
+    sources: Sequence[Source],
     layout: Layout,
     total_weight: float,
-    out_path: Path,
+    out: Path,
     segment_bytes: int,
     chunk_bytes: int,
 ) -> Manifest:
-    """Write ``acc / total_weight`` as the next global model; return its manifest."""
-    step = max(1, chunk_bytes // ACC_DTYPE.itemsize)
-    buf = np.empty(step, dtype=ACC_DTYPE)
-    fd = os.open(acc, os.O_RDONLY)
-    try:
-        with ModelWriter(out_path, layout, segment_bytes=segment_bytes) as writer:
-            for spec, acc_pos in _acc_offsets(layout):
-                for first in range(0, spec.numel, step):
-                    n = min(step, spec.numel - first)
-                    a = buf[:n]
-                    _pread_into(fd, a, acc_pos + first * ACC_DTYPE.itemsize)
-                    np.divide(a, total_weight, out=a)
-                    if spec.np_dtype.kind in "iub":
-                        np.rint(a, out=a)
-                    writer.write(a.astype(spec.np_dtype))
-            return writer.finish()
-    finally:
-        os.close(fd)
+    """Write sum(sources) / total_weight in the model's dtypes as the next global model."""
+    with ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
+        for spec, chunk in _sums(sources, layout, chunk_bytes):
+            np.divide(chunk, total_weight, out=chunk)
+            if spec.np_dtype.kind in "iub":
+                np.rint(chunk, out=chunk)
+            writer.write(chunk.astype(spec.np_dtype))
+        manifest = writer.finish()
+    fsync_dir(out.parent)
+    return manifest

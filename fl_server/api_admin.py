@@ -17,6 +17,7 @@ from common.wire import (
     RoundInfo,
     SubmitJob,
     TaskInfo,
+    TaskState,
 )
 from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
 from fl_server.http_util import json_reply, read_json
@@ -53,7 +54,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
     jobs = await db.run(db.list_jobs)
     out = [_job_info(j, (await runner.job_config(j.job_id)).num_rounds) for j in jobs]
-    return json_reply(list(out))  # type: ignore[arg-type]
+    return json_reply(list(out))
 
 
 async def job_status(request: web.Request) -> web.Response:
@@ -72,7 +73,9 @@ async def job_status(request: web.Request) -> web.Response:
                     state="closed" if r.state == "closed" else "open",
                     started_at=r.started_at,
                     closed_at=r.closed_at,
-                    num_updates=r.folded,
+                    num_updates=sum(
+                        t.round == r.round and t.state is TaskState.COMMITTED for t in tasks
+                    ),
                 )
                 for r in rounds
             ],
@@ -128,7 +131,7 @@ async def list_clients(request: web.Request) -> web.Response:
     now = time.time()
     rows = await db.run(db.list_clients)
     return json_reply(
-        [  # type: ignore[arg-type]
+        [
             ClientInfo(
                 name=c.name,
                 last_seen=c.last_seen,

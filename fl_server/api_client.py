@@ -183,8 +183,8 @@ async def upload_segment(request: web.Request) -> web.Response:
     if not declared:
         raise RequestError(f"missing {DIGEST_HEADER} header with the segment's xxh3 digest")
     if request.content_length is not None and request.content_length != end - start:
-        exc: RequestError = SegmentTooLong if request.content_length > end - start else RequestError
-        raise exc(
+        error = SegmentTooLong if request.content_length > end - start else RequestError
+        raise error(
             f"segment {index} must be {end - start} bytes, Content-Length says "
             f"{request.content_length}",
             field="body",
@@ -259,7 +259,6 @@ async def commit(request: web.Request) -> web.Response:
         )
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
     await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
-    await asyncio.to_thread(_fsync_path, spool)
     await db.run(db.commit_task, task.task_id, body.num_samples, body.metrics, digest, time.time())
     request.app[RUNNER].poke(task.job_id)
     log.info(
@@ -267,11 +266,3 @@ async def commit(request: web.Request) -> web.Response:
         task.job_id, task.round, task.client, task.task_id, body.num_samples,
     )
     return json_reply(CommitReply(task_id=task.task_id, state=TaskState.COMMITTED))
-
-
-def _fsync_path(path: os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -84,7 +84,6 @@ def decide_round(
     tasks = list(tasks)
     committed = [t for t in tasks if t.state is TaskState.COMMITTED]
     pending = [t for t in tasks if t.state is TaskState.ASSIGNED]
-    unfolded = [t for t in committed if not t.folded]
     timed_out = [
         t for t in pending if train_timeout is not None and now - t.last_progress >= train_timeout
     ]
@@ -98,8 +97,6 @@ def decide_round(
         return Decision(Action.WAIT, wake_at=wake_at)
     expire = tuple(t.task_id for t in timed_out)
     if len(committed) >= min_clients:
-        if unfolded:
-            return Decision(Action.WAIT, expire=expire)
         return Decision(Action.CLOSE, expire=expire)
     if timed_out:
         missing = ", ".join(sorted(t.client for t in timed_out))

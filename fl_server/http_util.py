@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from aiohttp import web
@@ -61,8 +61,8 @@ async def read_json(request: web.Request, model: type[M]) -> M:
         raise RequestError(f"invalid request: {loc}: {msg}", field=loc) from None
 
 
-def json_reply(model: BaseModel | list[BaseModel], status: int = 200) -> web.Response:
-    if isinstance(model, list):
+def json_reply(model: BaseModel | Sequence[BaseModel], status: int = 200) -> web.Response:
+    if not isinstance(model, BaseModel):
         text = "[" + ",".join(m.model_dump_json() for m in model) + "]"
     else:
         text = model.model_dump_json()

@@ -20,6 +20,7 @@ from common.errors import Conflict, FLError
 from common.tensorfile import Layout, Manifest
 from common.wire import JobState, TaskState
 from fl_server import aggregate
+from fl_server.aggregate import Source
 from fl_server.controller import (
     TERMINAL_JOB_STATES,
     Action,
@@ -185,22 +186,33 @@ class JobRunner:
             await self._notify_tasks()
             await self._drive_round(job_id, cfg, rnd)
 
-    def _clean_round_dir(self, job_id: str, rnd: int, folded: int) -> None:
-        """After a restart: drop half-written files and accumulators not on record."""
-        keep = self.ws.accumulator_path(job_id, rnd, folded).name
+    def _aggregate_sources(self, job_id: str, rnd: int, tasks: list[TaskRow]) -> list[Source]:
+        """The files whose weighted sum is the round's aggregate so far (see aggregate)."""
+        folded = [t for t in tasks if t.folded]
+        if not folded:
+            return []
+        if len(folded) == 1:
+            t = folded[0]
+            assert t.num_samples is not None
+            return [Source(self.ws.spool_path(job_id, rnd, t.task_id), float(t.num_samples))]
+        return [Source(self.ws.accumulator_path(job_id, rnd, len(folded)), None)]
+
+    def _clean_round_dir(self, job_id: str, rnd: int, tasks: list[TaskRow]) -> None:
+        """After a restart: drop half-written files, and files no longer on record."""
+        keep = {s.path for s in self._aggregate_sources(job_id, rnd, tasks)}
+        keep |= {
+            self.ws.spool_path(job_id, rnd, t.task_id)
+            for t in tasks
+            if not t.folded and t.state in (TaskState.ASSIGNED, TaskState.COMMITTED)
+        }
         rdir = self.ws.round_dir(job_id, rnd)
-        if not rdir.exists():
-            return
-        for p in rdir.iterdir():
-            if p.is_file() and (p.name.endswith(".part") or p.name.startswith("acc-")) and (
-                p.name != keep
-            ):
+        for p in [*rdir.glob("*"), *rdir.glob("spool/*")]:
+            if p.is_file() and p not in keep:
                 p.unlink()
 
     async def _drive_round(self, job_id: str, cfg: JobConfig, rnd: int) -> None:
-        row = await self.db.run(self.db.get_round, job_id, rnd)
-        assert row is not None
-        await asyncio.to_thread(self._clean_round_dir, job_id, rnd, row.folded)
+        tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
+        await asyncio.to_thread(self._clean_round_dir, job_id, rnd, tasks)
         layout = (await self.manifest(job_id, rnd - 1)).layout
         wake = self._wake[job_id]
         opened = time.monotonic()
@@ -214,9 +226,6 @@ class JobRunner:
                 return
             tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
             unfolded = [t for t in tasks if t.state is TaskState.COMMITTED and not t.folded]
-            if unfolded:
-                await self._fold(job_id, rnd, unfolded[0], layout)
-                continue
             now = time.time()
             decision = decide_round(
                 [_view(t) for t in tasks],
@@ -231,8 +240,12 @@ class JobRunner:
                 for tid in decision.expire:
                     log.warning("job %s round %d: task %s expired", job_id, rnd, tid)
             if decision.action is Action.CLOSE:
-                await self._close(job_id, rnd, layout)
+                await self._close(job_id, rnd, layout, tasks)
                 return
+            if unfolded:
+                # fold in time, while other clients are still uploading
+                await self._fold(job_id, rnd, unfolded[0], layout, tasks)
+                continue
             if decision.action is Action.FAIL:
                 assert decision.reason is not None
                 log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
@@ -260,52 +273,55 @@ class JobRunner:
             except TimeoutError:
                 pass
 
-    async def _fold(self, job_id: str, rnd: int, task: TaskRow, layout: Layout) -> None:
+    async def _fold(
+        self, job_id: str, rnd: int, task: TaskRow, layout: Layout, tasks: list[TaskRow]
+    ) -> None:
         assert task.num_samples is not None
-        row = await self.db.run(self.db.get_round, job_id, rnd)
-        assert row is not None
-        acc_in = self.ws.accumulator_path(job_id, rnd, row.folded) if row.folded else None
-        acc_out = self.ws.accumulator_path(job_id, rnd, row.folded + 1)
+        weight = float(task.num_samples)
+        before = self._aggregate_sources(job_id, rnd, tasks)
         spool = self.ws.spool_path(job_id, rnd, task.task_id)
+        count = sum(t.folded for t in tasks) + 1
         started = time.monotonic()
-        await asyncio.to_thread(
-            aggregate.fold,
-            spool,
-            layout,
-            acc_in,
-            acc_out,
-            float(task.num_samples),
-            self.cfg.aggregation_chunk_mib * 1024 * 1024,
-        )
-        await self.db.run(
-            self.db.mark_folded, task.task_id, job_id, rnd, row.folded + 1, float(task.num_samples)
-        )
-        if acc_in is not None:
-            acc_in.unlink(missing_ok=True)
-        spool.unlink(missing_ok=True)
+        if before:
+            out = self.ws.accumulator_path(job_id, rnd, count)
+            await asyncio.to_thread(
+                aggregate.fold, [*before, Source(spool, weight)], layout, out, self._chunk_bytes
+            )
+        await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
+        if before:
+            for src in before:
+                src.path.unlink(missing_ok=True)
+            spool.unlink(missing_ok=True)
         log.info(
-            "job %s round %d: update of %s (task %s, weight %d) folded in %.2f s",
-            job_id, rnd, task.client, task.task_id, task.num_samples, time.monotonic() - started,
+            "job %s round %d: update of %s (task %s, weight %g) folded in %.2f s",
+            job_id, rnd, task.client, task.task_id, weight, time.monotonic() - started,
         )
 
-    async def _close(self, job_id: str, rnd: int, layout: Layout) -> None:
-        row = await self.db.run(self.db.get_round, job_id, rnd)
-        assert row is not None and row.folded > 0
-        acc = self.ws.accumulator_path(job_id, rnd, row.folded)
+    @property
+    def _chunk_bytes(self) -> int:
+        return self.cfg.aggregation_chunk_mib * 1024 * 1024
+
+    async def _close(self, job_id: str, rnd: int, layout: Layout, tasks: list[TaskRow]) -> None:
+        sources = self._aggregate_sources(job_id, rnd, tasks)
+        total = sum(float(t.num_samples or 0) for t in tasks if t.folded)
+        for t in tasks:
+            if t.state is TaskState.COMMITTED and not t.folded:
+                assert t.num_samples is not None
+                sources.append(
+                    Source(self.ws.spool_path(job_id, rnd, t.task_id), float(t.num_samples))
+                )
+                total += t.num_samples
+        started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
         man = await asyncio.to_thread(
-            aggregate.finalize,
-            acc,
-            layout,
-            row.total_weight,
-            out,
-            self.cfg.segment_bytes,
-            self.cfg.aggregation_chunk_mib * 1024 * 1024,
+            aggregate.finalize, sources, layout, total, out, self.cfg.segment_bytes,
+            self._chunk_bytes,
         )
         await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
         await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
         await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
         log.info(
-            "job %s round %d closed: %d updates, total weight %g",
-            job_id, rnd, row.folded, row.total_weight,
+            "job %s round %d closed: %d updates, total weight %g, aggregated in %.2f s",
+            job_id, rnd, sum(t.state is TaskState.COMMITTED for t in tasks), total,
+            time.monotonic() - started,
         )
