@@ -56,14 +56,20 @@ class Proc:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def spawn(name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
+def _join_cgroup(procs_file: Path) -> None:
+    procs_file.write_text(str(os.getpid()))
+
+
+def spawn(name: str, args: list[str], log: Path, env: dict[str, str] | None = None,
+          cgroup_procs: Path | None = None) -> Proc:
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     if env:
         full_env.update(env)
     f = open(log, "ab")  # noqa: SIM115 - the child owns it
+    join = None if cgroup_procs is None else (lambda: _join_cgroup(cgroup_procs))
     popen = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
-                             env=full_env, cwd=REPO, start_new_session=True)
+                             env=full_env, cwd=REPO, start_new_session=True, preexec_fn=join)
     f.close()
     return Proc(name, popen, log)
 
@@ -83,6 +89,7 @@ class Cluster:
     port: int = field(default_factory=free_port)
     server: Proc | None = None
     clients: dict[str, Proc] = field(default_factory=dict)
+    cgroup_procs: Path | None = None  # daemons start inside this cgroup, when set
 
     @property
     def url(self) -> str:
@@ -98,7 +105,7 @@ class Cluster:
                "segment_mib": self.segment_mib, **self.server_extra}
         path = self.write_yaml("server.yaml", cfg)
         self.server = spawn("server", ["-m", "fl_server", "--config", str(path)],
-                            self.root / "server.log")
+                            self.root / "server.log", cgroup_procs=self.cgroup_procs)
         if wait:
             self.wait_healthy()
         return self.server
@@ -120,7 +127,8 @@ class Cluster:
         cfg = {"name": name, "server_url": self.url, "workspace": str(self.root / name),
                "num_samples": num_samples, **extra}
         path = self.write_yaml(f"{name}.yaml", cfg)
-        proc = spawn(name, ["-m", "fl_client", "--config", str(path)], self.root / f"{name}.log")
+        proc = spawn(name, ["-m", "fl_client", "--config", str(path)], self.root / f"{name}.log",
+                     cgroup_procs=self.cgroup_procs)
         self.clients[name] = proc
         return proc
 

@@ -1,0 +1,220 @@
+"""Benchmark: the reference job's shape (64 tensors x K MiB, 2 clients, 3 rounds) as real
+processes on loopback, at two model sizes and once more inside a memory cgroup.
+
+    python -m tests.bench                        # 128 MiB and 4 GiB models, 1 GiB cgroup
+    python -m tests.bench --tensor-mib 2 --tensor-mib 16 --cgroup-mib 512
+
+Prints one JSON line per job run, then one summary line with the targets. Throughput is
+model bytes moved (rounds x clients x 2 directions x model size) per second of the
+job's running time, compared with the raw disk-write and loopback rates measured in
+the same run on the same workspace disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.bench.baselines import disk_write_gbps, loopback_gbps
+from tests.bench.memcg import MemCgroup
+from tests.cluster import Cluster, Proc
+
+MIB = 1024 * 1024
+RSS_LIMIT_MIB = 300
+
+
+class RssSampler:
+    """Peak RSS per process, sampled every ``interval_s`` in a background thread."""
+
+    def __init__(self, procs: dict[str, Proc], interval_s: float = 0.2) -> None:
+        self.procs = procs
+        self.interval_s = interval_s
+        self.peak: dict[str, int] = dict.fromkeys(procs, 0)
+        self.peak_anon: dict[str, int] = dict.fromkeys(procs, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        handles = {k: psutil.Process(p.popen.pid) for k, p in self.procs.items()}
+        while not self._stop.is_set():
+            for k, h in handles.items():
+                try:
+                    mem = h.memory_full_info()
+                except psutil.Error:
+                    continue
+                self.peak[k] = max(self.peak[k], mem.rss)
+                self.peak_anon[k] = max(self.peak_anon[k], mem.rss - mem.shared)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_job(
+    root: Path, tensor_mib: int, args: argparse.Namespace, cgroup: MemCgroup | None
+) -> dict[str, Any]:
+    cluster = Cluster(
+        root, segment_mib=args.segment_mib, cgroup_procs=cgroup.procs if cgroup else None
+    )
+    model_bytes = args.tensors * tensor_mib * MIB
+    try:
+        cluster.start_server()
+        for i in range(args.clients):
+            cluster.start_client(f"site-{i + 1}")
+        procs = {"server": cluster.server, **cluster.clients}
+        job = {
+            "name": f"bench-{tensor_mib}",
+            "num_rounds": args.rounds,
+            "min_clients": args.clients,
+            "model": {
+                "kind": "generated",
+                "num_tensors": args.tensors,
+                "tensor_mib": tensor_mib,
+                "dtype": "float32",
+                "init": "normal",
+            },
+            "trainer": {"name": "add_epsilon", "params": {"epsilon": 0.001}},
+        }
+        with RssSampler({k: p for k, p in procs.items() if p is not None}) as rss:
+            submitted = time.perf_counter()
+            job_id = cluster.submit(job)
+            cluster.wait_for(
+                lambda: cluster.status(job_id)["job"]["state"] != "pending",
+                timeout=3600,
+                what="initial model ready",
+            )
+            running = time.perf_counter()
+            status = cluster.wait_job(job_id, timeout=3 * 3600)
+            done = time.perf_counter()
+        moved = args.rounds * args.clients * 2 * model_bytes
+        result: dict[str, Any] = {
+            "model_bytes": model_bytes,
+            "tensor_mib": tensor_mib,
+            "state": status["job"]["state"],
+            "wall_s": round(done - running, 2),
+            "prepare_s": round(running - submitted, 2),
+            "bytes_moved": moved,
+            "throughput_gbps": round(moved / (done - running) / 1e9, 3),
+            "peak_rss_mib": {k: round(v / MIB, 1) for k, v in rss.peak.items()},
+            "peak_rss_anon_mib": {k: round(v / MIB, 1) for k, v in rss.peak_anon.items()},
+        }
+        if status["job"]["state"] != "finished":
+            result["reason"] = status["job"]["reason"]
+        if cgroup is not None:
+            result["cgroup"] = cgroup.stats()
+        return result
+    finally:
+        cluster.stop_all()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--tensor-mib",
+        type=int,
+        action="append",
+        help="MiB per tensor; give twice for two sizes (default 2 and 64)",
+    )
+    parser.add_argument("--tensors", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--segment-mib", type=int, default=32)
+    parser.add_argument(
+        "--cgroup-mib",
+        type=int,
+        default=1024,
+        help="memory limit for the daemons in the cgroup run (0: skip)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where workspaces go (default: the system temp dir)",
+    )
+    args = parser.parse_args()
+    sizes = args.tensor_mib or [2, 64]
+    base = Path(tempfile.mkdtemp(prefix="fl-bench-", dir=args.workdir))
+    results: list[dict[str, Any]] = []
+    try:
+        largest = args.tensors * max(sizes) * MIB
+        disk = disk_write_gbps(base, min(max(largest, 1024 * MIB), 4096 * MIB))
+        loop = loopback_gbps(4096 * MIB)
+        print(
+            json.dumps(
+                {"raw_disk_write_gbps": round(disk, 3), "raw_loopback_gbps": round(loop, 3)}
+            ),
+            flush=True,
+        )
+        runs: list[tuple[int, bool]] = [(s, False) for s in sizes]
+        if args.cgroup_mib:
+            runs.append((max(sizes), True))
+        for tensor_mib, limited in runs:
+            root = base / f"run-{tensor_mib}{'-cgroup' if limited else ''}"
+            root.mkdir()
+            cgroup = None
+            if limited:
+                try:
+                    cgroup = MemCgroup.create(f"fl-bench-{int(time.time())}", args.cgroup_mib * MIB)
+                except OSError as exc:
+                    print(json.dumps({"cgroup_run": "skipped", "why": str(exc)}), flush=True)
+                    continue
+            try:
+                res = run_job(root, tensor_mib, args, cgroup)
+            finally:
+                if cgroup is not None:
+                    cgroup.remove()
+                shutil.rmtree(root, ignore_errors=True)
+            res["raw_disk_write_gbps"] = round(disk, 3)
+            res["raw_loopback_gbps"] = round(loop, 3)
+            res["throughput_vs_disk"] = round(res["throughput_gbps"] / disk, 3)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print(json.dumps(summarize(results)), flush=True)
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    free = [r for r in results if "cgroup" not in r]
+    limited = [r for r in results if "cgroup" in r]
+    out: dict[str, Any] = {"summary": True}
+    if free:
+        peaks = [max(r["peak_rss_mib"].values()) for r in free]
+        out["max_peak_rss_mib"] = max(peaks)
+        out["rss_under_300_mib"] = max(peaks) <= RSS_LIMIT_MIB
+        if len(free) >= 2:
+            small, big = free[0], free[-1]
+            growth = {
+                k: round(big["peak_rss_mib"][k] / small["peak_rss_mib"][k] - 1, 3)
+                for k in small["peak_rss_mib"]
+            }
+            out["rss_growth_small_to_large"] = growth
+            out["rss_growth_under_10pct"] = all(g < 0.10 for g in growth.values())
+        out["throughput_vs_disk_largest"] = free[-1]["throughput_vs_disk"]
+        out["throughput_at_least_half_disk"] = free[-1]["throughput_vs_disk"] >= 0.5
+        out["all_finished"] = all(r["state"] == "finished" for r in results)
+    if limited:
+        r = limited[0]
+        out["cgroup_job_finished"] = r["state"] == "finished" and r["cgroup"]["oom_kill"] == 0
+    return out
+
+
+if __name__ == "__main__":
+    main()
