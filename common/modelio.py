@@ -12,11 +12,19 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
-from common.digest import SegmentHasher, segment_count, segment_range, whole_digest
+from common.digest import (
+    SegmentHasher,
+    segment_count,
+    segment_digest,
+    segment_range,
+    whole_digest,
+)
 from common.errors import ModelFormatError
 from common.tensorfile import (
     HEADER_LEN_BYTES,
@@ -32,6 +40,19 @@ from common.tensorfile import (
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 
 
+def byte_view(a: npt.NDArray[Any]) -> memoryview:
+    """The bytes of a C-contiguous array as a flat ``B`` memoryview, without a copy.
+
+    numpy's stubs do not declare the buffer protocol, so ``memoryview(a)`` fails mypy;
+    ``ndarray.data`` is typed. Going through a ``uint8`` view instead of
+    ``memoryview.cast("B")`` also covers zero-size arrays, which ``cast`` refuses. The
+    view is writable when the array is, so it can be a ``preadv`` target.
+    """
+    if not a.flags.c_contiguous:
+        raise ValueError("byte_view needs a C-contiguous array (use np.ascontiguousarray)")
+    return a.reshape(-1).view(np.uint8).data
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -41,7 +62,14 @@ def fsync_dir(path: Path) -> None:
 
 
 class ModelWriter:
-    """Writes ``path`` via a temporary file; ``finish()`` renames it into place."""
+    """Writes ``path`` via a temporary file; ``finish()`` renames it into place.
+
+    Zero-size tensors take no ``write``: the writer steps over them on its own, so the
+    caller only ever feeds tensors that hold bytes. Leaving a ``with`` block without
+    ``finish()``, with or without an exception, aborts: a ``.part`` never outlives the
+    block. ``durable=False`` skips both fsyncs in ``finish()``, for scratch files that
+    can be regenerated after a crash; the file and manifest are the same either way.
+    """
 
     def __init__(
         self,
@@ -50,6 +78,7 @@ class ModelWriter:
         *,
         segment_bytes: int,
         metadata: dict[str, str] | None = None,
+        durable: bool = True,
     ) -> None:
         if isinstance(tensors, Layout):
             tensors = [(t.name, t.dtype, t.shape) for t in tensors.tensors]
@@ -57,15 +86,31 @@ class ModelWriter:
         self.path = path
         self._tmp = path.with_name(path.name + ".part")
         self._segment_bytes = segment_bytes
+        self._durable = durable
         self._hasher = SegmentHasher(segment_bytes)
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish/abort
         self._index = 0
         self._filled = 0
-        self._emit(head)
+        try:
+            self._emit(head)
+        except BaseException:
+            self.abort()
+            raise
+        self._advance()
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._file.write(data)
         self._hasher.feed(data)
+
+    def _advance(self) -> None:
+        """Move past the tensor just completed and past any zero-size ones after it.
+
+        Called after every write and once at construction, so that ``current`` is never
+        a tensor that is already full (a zero-size one is full from the start).
+        """
+        while (cur := self.current) is not None and self._filled == cur.nbytes:
+            self._index += 1
+            self._filled = 0
 
     @property
     def current(self) -> TensorSpec | None:
@@ -83,7 +128,7 @@ class ModelWriter:
             raise ModelFormatError(
                 f"tensor {spec.name!r}: chunk has dtype {chunk.dtype}, expected {spec.np_dtype}"
             )
-        data = memoryview(np.ascontiguousarray(chunk)).cast("B")
+        data = byte_view(np.ascontiguousarray(chunk))
         if self._filled + data.nbytes > spec.nbytes:
             raise ModelFormatError(
                 f"tensor {spec.name!r}: {self._filled + data.nbytes} bytes written, "
@@ -91,9 +136,7 @@ class ModelWriter:
             )
         self._emit(data)
         self._filled += data.nbytes
-        while (cur := self.current) is not None and self._filled == cur.nbytes:
-            self._index += 1
-            self._filled = 0
+        self._advance()
 
     def finish(self) -> Manifest:
         if self.current is not None:
@@ -101,11 +144,17 @@ class ModelWriter:
                 f"tensor {self.current.name!r} is incomplete: {self._filled} of "
                 f"{self.current.nbytes} bytes written"
             )
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        fsync_dir(self.path.parent)
+        try:
+            self._file.flush()
+            if self._durable:
+                os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        if self._durable:
+            fsync_dir(self.path.parent)
         digests = tuple(self._hasher.finish())
         return Manifest(
             layout=self.layout,
@@ -127,7 +176,8 @@ class ModelWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None and not self._file.closed:
+        # Still open means finish() was never reached (or failed before the rename).
+        if not self._file.closed:
             self.abort()
 
 
@@ -165,7 +215,7 @@ class ModelReader:
 
     def read_into(self, spec: TensorSpec, first: int, out: npt.NDArray[np.generic]) -> None:
         """Fill ``out`` (1-D, the tensor's dtype) with elements ``first..first+len(out)``."""
-        view = memoryview(out).cast("B")
+        view = byte_view(out)
         pos = self.layout.data_offset + spec.begin + first * spec.np_dtype.itemsize
         while view.nbytes:
             n = os.preadv(self._fd, [view], pos)
@@ -196,15 +246,21 @@ class ModelReader:
 def hash_file_segments(
     path: Path, segment_bytes: int, indices: Sequence[int] | None = None
 ) -> dict[int, str]:
-    """Digest of each listed segment of a file (all by default), reading it in chunks."""
-    from common.digest import segment_digest
+    """Digest of each listed segment of a file (all by default), reading it in chunks.
 
+    An index outside the file is an error rather than the digest of an empty range,
+    which would look like a real answer to a caller comparing digests.
+    """
     size = path.stat().st_size
     count = segment_count(size, segment_bytes)
     chosen = range(count) if indices is None else indices
+    for i in chosen:
+        if not 0 <= i < count:
+            raise ValueError(
+                f"segment index {i} is out of range: {path} has {count} segment(s) "
+                f"of {segment_bytes} bytes, indices 0..{count - 1}"
+            )
     out: dict[int, str] = {}
-    import xxhash
-
     buf = bytearray(min(segment_bytes, DEFAULT_CHUNK_BYTES))
     with open(path, "rb", buffering=0) as f:
         for i in chosen:

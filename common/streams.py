@@ -12,6 +12,7 @@ declared stuck. The segment's digest is computed on the bytes as they were writt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -83,9 +84,7 @@ async def receive_segment(
             received += len(chunk)
             timer.progress(len(chunk))
             if received > length:
-                raise SegmentTooLong(
-                    f"segment body is longer than the {length} bytes it must hold"
-                )
+                raise SegmentTooLong(f"segment body is longer than the {length} bytes it must hold")
             batch.append(chunk)
             filled += len(chunk)
             if filled >= batch_bytes:
@@ -101,8 +100,7 @@ async def receive_segment(
     finally:
         # never let a thread write into an fd the caller is about to close
         if pending is not None and not pending.done():
-            try:
+            # the original error wins over the writer's own failure
+            with contextlib.suppress(Exception):
                 await asyncio.shield(pending)
-            except Exception:  # noqa: BLE001 - the original error wins
-                pass
     return str(hasher.hexdigest())

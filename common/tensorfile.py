@@ -15,6 +15,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
+from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,7 +65,7 @@ class TensorSpec(BaseModel):
 
     name: str = Field(min_length=1)
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[Annotated[int, Field(ge=0)], ...]
     begin: int = Field(ge=0)
     end: int = Field(ge=0)
 
@@ -139,7 +140,9 @@ def plan_layout(
         if name == "__metadata__":
             raise ModelFormatError("'__metadata__' is reserved and cannot name a tensor")
         size = math.prod(shape) * numpy_dtype(dtype).itemsize
-        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape), begin=pos, end=pos + size))
+        specs.append(
+            TensorSpec(name=name, dtype=dtype, shape=tuple(shape), begin=pos, end=pos + size)
+        )
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + size]}
         pos += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -157,6 +160,51 @@ def header_length(prefix: bytes) -> int:
     return int(n)
 
 
+def _is_count(value: object) -> bool:
+    """A JSON integer >= 0; ``true`` and ``1.0`` are not (Python would take them as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_entry(name: str, entry: object) -> TensorSpec:
+    """One header entry as a ``TensorSpec``, or a ``ModelFormatError`` naming the tensor.
+
+    Every value is checked here, before ``TensorSpec`` sees it, so that a hostile or
+    broken file never surfaces as a pydantic error and never gets an impossible shape
+    through lax coercion (``int(1.7)``, ``int(True)``).
+    """
+
+    def malformed(why: str) -> ModelFormatError:
+        return ModelFormatError(f"tensor {name!r}: header entry is malformed: {why}")
+
+    if not isinstance(entry, dict):
+        raise malformed(f"expected an object, got {type(entry).__name__}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise malformed(f"{key!r} is missing")
+    if not name:
+        raise malformed("the tensor name is empty")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise malformed(f"dtype must be a string such as 'F32', got {dtype!r}")
+    try:
+        numpy_dtype(dtype)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"tensor {name!r}: {exc}") from None
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise malformed(f"shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(x) for x in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise malformed(
+            f"data_offsets must be [begin, end], non-negative integers with begin <= end, "
+            f"got {offsets!r}"
+        )
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
+
+
 def parse_header(head: bytes, *, file_size: int) -> Layout:
     """Parse and validate the header bytes (length prefix included) of a file."""
     n = header_length(head)
@@ -172,16 +220,10 @@ def parse_header(head: bytes, *, file_size: int) -> Layout:
     for name, entry in obj.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelFormatError(f"tensor {name!r}: header entry is malformed") from None
-        spec = TensorSpec(name=name, dtype=dtype, shape=shape, begin=begin, end=end)
+        spec = _parse_entry(name, entry)
         if spec.numel * spec.np_dtype.itemsize != spec.nbytes:
             raise ModelFormatError(
-                f"tensor {name!r}: shape {list(shape)} of {dtype} needs "
+                f"tensor {name!r}: shape {list(spec.shape)} of {spec.dtype} needs "
                 f"{spec.numel * spec.np_dtype.itemsize} bytes, offsets give {spec.nbytes}"
             )
         specs.append(spec)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from types import TracebackType
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
@@ -67,13 +68,30 @@ class Stage(enum.Enum):
     HANDING_OVER = "handing a received chunk to the disk writer"
 
 
+class _Keep(enum.Enum):
+    """Type of ``KEEP``: an enum so that ``is KEEP`` narrows the type for mypy."""
+
+    KEEP = "keep"
+
+
+KEEP: Final = _Keep.KEEP
+"""Passed to ``ProgressTimer.enter`` to keep the current period.
+
+A sentinel and not ``None``, because ``None`` already means "no limit" everywhere else
+(YAML ``null``, ``Timeouts``), and a caller forwarding such a setting must get exactly
+that.
+"""
+
+
 class ProgressTimer:
     """An ``asyncio.timeout`` scope that fires only after ``period_s`` without progress.
 
     ``progress(n)`` is called per chunk and costs one float store; the timer callback
     re-arms itself from the last progress time instead of rescheduling per chunk.
-    ``enter(stage, period_s)`` switches stage and restarts the clock. On expiry the
-    body is cancelled and ``TransferTimeout`` names the stage, the peer and the bytes.
+    ``enter(stage, period_s)`` switches stage and restarts the clock; ``period_s`` is
+    a number of seconds, ``None`` for no limit, or ``KEEP`` (the default) to go on with
+    the current period. On expiry the body is cancelled and ``TransferTimeout`` names
+    the stage, the peer and the bytes.
     """
 
     def __init__(self, period_s: float | None, *, stage: Stage, peer: str, what: str) -> None:
@@ -92,10 +110,14 @@ class ProgressTimer:
         self.bytes_moved += nbytes
         self._last = self._loop.time()
 
-    def enter(self, stage: Stage, period_s: float | None = None) -> None:
-        """Start a new stage; ``period_s`` overrides the period (e.g. the ack wait)."""
+    def enter(self, stage: Stage, period_s: float | _Keep | None = KEEP) -> None:
+        """Start a new stage, optionally with its own period (e.g. the ack wait).
+
+        ``None`` switches the timer off for this stage, so that a ``null`` setting passed
+        through unchanged means no limit; ``KEEP`` leaves the period as it is.
+        """
         self.stage = stage
-        if period_s is not None:
+        if period_s is not KEEP:
             self._period_s = period_s
         self._last = self._loop.time()
         self._arm()

@@ -27,6 +27,7 @@ TASK_MODEL = API + "/tasks/{task_id}/model"
 UPLOAD_STATUS = API + "/tasks/{task_id}/upload"
 UPLOAD_SEGMENT = API + "/tasks/{task_id}/upload/{index}"
 COMMIT = API + "/tasks/{task_id}/commit"
+TASK_FAIL = API + "/tasks/{task_id}/fail"
 # admin routes
 JOBS = API + "/admin/jobs"
 JOB = API + "/admin/jobs/{job_id}"
@@ -110,6 +111,12 @@ class CommitRequest(_Wire):
     digest: str = Field(min_length=1)
     num_samples: PositiveInt
     metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class TaskFailure(_Wire):
+    """A site gives up on its task (its trainer failed, its update was refused)."""
+
+    reason: str = Field(min_length=1, max_length=4000)
 
 
 class CommitReply(_Wire):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UpdateRejected
-from common.modelio import read_layout
+from common.modelio import byte_view, read_layout
 from common.tensorfile import FLOAT_DTYPES, Layout, check_same_layout
 
 CHECK_CHUNK_BYTES = 4 * 1024 * 1024
@@ -35,7 +35,7 @@ def _check_elements(fd: int, layout: Layout, lo: int, hi: int, buf: np.ndarray) 
         step = len(buf) // isz
         for first in range(k0, k1, step):
             n = min(step, k1 - first)
-            view = memoryview(buf)[: n * isz]
+            view = byte_view(buf)[: n * isz]
             got = os.preadv(fd, [view], a0 + first * isz)
             vals = np.frombuffer(view[:got], dtype=spec.np_dtype)
             ok = np.isfinite(vals)

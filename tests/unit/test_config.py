@@ -18,6 +18,7 @@ from common.config import (
     ServerConfig,
     load_config,
     parse_config,
+    yaml_path,
 )
 from common.errors import ConfigError
 from common.timeouts import (
@@ -348,6 +349,9 @@ def test_job_rejects_fewer_clients_than_min(tmp_path: Path) -> None:
     msg = str(err)
     assert str(path) in msg
     assert "min_clients is 2 but only 1 clients listed" in msg
+    # The input of a model validator is the whole file: it is not echoed.
+    assert "(got" not in msg
+    assert "num_rounds" not in msg
 
 
 def test_job_rejects_bad_client_name(tmp_path: Path) -> None:
@@ -373,8 +377,8 @@ def test_job_rejects_bad_job_name(tmp_path: Path) -> None:
 def test_generated_model_needs_exactly_one_size(tmp_path: Path, text: str) -> None:
     path, err = _error(tmp_path, text, JobConfig)
     assert str(path) in str(err)
-    assert "exactly one of tensor_mib or tensor_shape" in str(err)
-    assert err.field is not None and err.field.startswith("model")
+    assert "  model: Value error, give exactly one of tensor_mib or tensor_shape\n" in f"{err}\n"
+    assert err.field == "model"
 
 
 def test_generated_model_direct() -> None:
@@ -396,11 +400,57 @@ def test_generated_model_direct() -> None:
     ],
 )
 def test_job_model_field_errors(tmp_path: Path, old: str, new: str, leaf: str) -> None:
+    """The YAML path leaves out pydantic's union tag: ``model.x``, not ``model.generated.x``."""
     _, err = _error(tmp_path, JOB_MIN.replace(old, new), JobConfig)
-    assert err.field is not None
-    assert err.field.startswith("model.")
-    assert err.field.endswith(leaf)
-    assert f".{leaf}: " in str(err)
+    assert err.field == f"model.{leaf}"
+    assert f"\n  model.{leaf}: " in str(err)
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "words"),
+    [
+        ("{kind: file}", "model.path", "required but missing"),
+        ("{kind: file, path: /m, file: x}", "model.file", "unknown key"),
+        ("{kind: file, path: /m, num_tensors: 1}", "model.num_tensors", "unknown key"),
+    ],
+    ids=["missing-path", "key-named-like-tag", "generated-key-in-file"],
+)
+def test_job_file_model_errors(tmp_path: Path, model: str, field: str, words: str) -> None:
+    text = JOB_MIN.split("model:")[0] + f"model: {model}\n"
+    _, err = _error(tmp_path, text, JobConfig)
+    assert err.field == field
+    assert f"\n  {field}: {words}" in str(err)
+
+
+def test_section_of_wrong_type_is_not_echoed(tmp_path: Path) -> None:
+    _, err = _error(tmp_path, SERVER_MIN + "timeouts: [1, 2]\n", ServerConfig)
+    assert err.field == "timeouts"
+    assert "(got" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("loc", "path"),
+    [
+        ((), ""),
+        (("name",), "name"),
+        (("model", "generated", "num_tensors"), "model.num_tensors"),
+        (("model", "generated", "tensor_shape", 1), "model.tensor_shape.1"),
+        (("model", "file", "path"), "model.path"),
+        (("model", "file", "file"), "model.file"),
+        (("model",), "model"),
+        (("clients", 1), "clients.1"),
+        (("trainer", "params", "generated"), "trainer.params.generated"),
+        (("unknown", "generated"), "unknown.generated"),
+    ],
+)
+def test_yaml_path(loc: tuple[int | str, ...], path: str) -> None:
+    assert yaml_path(JobConfig, loc) == path
+
+
+def test_yaml_path_through_nested_model() -> None:
+    assert yaml_path(ServerConfig, ("timeouts", "streaming_ack_wait")) == (
+        "timeouts.streaming_ack_wait"
+    )
 
 
 @pytest.mark.parametrize(
@@ -452,13 +502,14 @@ def test_non_mapping_top_level(tmp_path: Path, text: str) -> None:
     assert str(err) == f"{path}: expected a mapping of settings at the top level"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a non-UTF-8 file raises UnicodeDecodeError")
 def test_non_utf8_file_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"workspace: /caf\xe9\n")
     with pytest.raises(ConfigError) as exc:
         load_config(path, ServerConfig)
-    assert str(path) in str(exc.value)
+    assert str(exc.value) == (
+        f"{path}: not UTF-8 text (byte 0xe9 at offset 15); save the file as UTF-8"
+    )
 
 
 def test_parse_config_uses_source_name() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from common.modelio import (
     DEFAULT_CHUNK_BYTES,
     ModelReader,
     ModelWriter,
+    byte_view,
     compute_manifest,
     hash_file_segments,
     read_layout,
@@ -312,21 +314,157 @@ def test_writer_failed_write_leaves_state_unchanged(tmp_path: Path) -> None:
     assert m == compute_manifest(path, 8)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a zero-size first tensor is never skipped")
 def test_writer_zero_size_first_tensor(tmp_path: Path) -> None:
     path = tmp_path / "m.st"
     with ModelWriter(path, [("e", "F32", (0,)), ("a", "F32", (2,))], segment_bytes=8) as w:
+        assert w.current is not None and w.current.name == "a"
         w.write(np.ones(2, dtype=np.float32), name="a")
         w.finish()
     assert safetensors.numpy.load_file(str(path))["e"].shape == (0,)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a model of only zero-size tensors cannot finish")
 def test_writer_only_zero_size_tensor(tmp_path: Path) -> None:
     path = tmp_path / "m.st"
     with ModelWriter(path, [("e", "F32", (0,))], segment_bytes=8) as w:
-        w.finish()
+        assert w.current is None
+        m = w.finish()
     assert path.exists()
+    assert m == compute_manifest(path, 8)
+    assert safetensors.numpy.load_file(str(path))["e"].shape == (0,)
+
+
+def test_writer_skips_runs_of_zero_size_tensors(tmp_path: Path) -> None:
+    tensors = [
+        ("z0", "F32", (0,)),
+        ("z1", "U8", (3, 0)),
+        ("a", "U8", (2,)),
+        ("z2", "F64", (0,)),
+        ("z3", "I8", (0, 0)),
+        ("b", "U8", (1,)),
+        ("z4", "BOOL", (0,)),
+    ]
+    path = tmp_path / "m.st"
+    with ModelWriter(path, tensors, segment_bytes=8) as w:
+        w.write(np.array([1, 2], dtype=np.uint8), name="a")
+        assert w.current is not None and w.current.name == "b"
+        w.write(np.array([3], dtype=np.uint8), name="b")
+        assert w.current is None
+        w.finish()
+    loaded = safetensors.numpy.load_file(str(path))
+    assert loaded["a"].tolist() == [1, 2]
+    assert loaded["b"].tolist() == [3]
+    assert loaded["z1"].shape == (3, 0)
+    assert loaded["z3"].shape == (0, 0)
+
+
+def test_writer_accepts_empty_chunk(tmp_path: Path) -> None:
+    """An empty chunk (e.g. the tail of a split) is a no-op, not an error."""
+    path = tmp_path / "m.st"
+    with ModelWriter(path, [("a", "F32", (2,))], segment_bytes=8) as w:
+        w.write(np.zeros(0, dtype=np.float32))
+        w.write(np.ones(2, dtype=np.float32))
+        w.finish()
+    assert safetensors.numpy.load_file(str(path))["a"].tolist() == [1.0, 1.0]
+
+
+def test_writer_with_block_without_finish_aborts(tmp_path: Path) -> None:
+    path = tmp_path / "m.st"
+    with ModelWriter(path, [("a", "F32", (4,))], segment_bytes=8) as w:
+        w.write(np.zeros(4, dtype=np.float32))
+        assert (tmp_path / "m.st.part").exists()
+    assert w.current is None  # complete, yet never finished: nothing is published
+    assert not (tmp_path / "m.st.part").exists()
+    assert not path.exists()
+
+
+def test_writer_failed_rename_removes_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    path = tmp_path / "m.st"
+    w = ModelWriter(path, [("a", "U8", (1,))], segment_bytes=8)
+    w.write(np.ones(1, dtype=np.uint8))
+    monkeypatch.setattr("common.modelio.os.replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        w.finish()
+    assert not (tmp_path / "m.st.part").exists()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_writer_durable_controls_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr("common.modelio.os.fsync", counting_fsync)
+    with ModelWriter(tmp_path / "m.st", [("a", "U8", (1,))], segment_bytes=8, durable=durable) as w:
+        w.write(np.ones(1, dtype=np.uint8))
+        w.finish()
+    assert len(synced) == (2 if durable else 0)  # the file, then its directory
+
+
+def test_writer_durable_and_scratch_files_are_identical(tmp_path: Path) -> None:
+    values = _values()
+    manifests = []
+    for durable in (True, False):
+        path = tmp_path / f"m-{durable}.st"
+        with ModelWriter(
+            path, _spec(values), segment_bytes=24, metadata={"r": "1"}, durable=durable
+        ) as w:
+            for arr in values.values():
+                if arr.size:  # a zero-size tensor takes no write
+                    w.write(arr.reshape(-1))
+            manifests.append(w.finish())
+        assert not (tmp_path / f"m-{durable}.st.part").exists()
+    assert manifests[0] == manifests[1]
+    assert manifests[0] == compute_manifest(tmp_path / "m-True.st", 24)
+    assert (tmp_path / "m-True.st").read_bytes() == (tmp_path / "m-False.st").read_bytes()
+
+
+# --- byte_view -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.array(7, dtype=np.int64),
+        np.zeros(0, dtype=np.float32),
+        np.zeros((2, 0), dtype=np.float64),
+        np.array([True, False]),
+        np.arange(6, dtype=np.float16).reshape(2, 3),
+        np.arange(3, dtype=">i4"),
+    ],
+    ids=["0-d", "empty", "empty-2d", "bool", "2-d", "big-endian"],
+)
+def test_byte_view_is_the_array_bytes(arr: Arr) -> None:
+    view = byte_view(arr)
+    assert view.format == "B"
+    assert view.ndim == 1
+    assert view.nbytes == arr.nbytes
+    assert bytes(view) == arr.tobytes()
+
+
+def test_byte_view_writes_through() -> None:
+    arr = np.zeros(2, dtype=np.uint16)
+    byte_view(arr)[:] = b"\x01\x00\x02\x00"
+    assert arr.tolist() == [1, 2]
+
+
+def test_byte_view_of_read_only_array_is_read_only() -> None:
+    arr = np.zeros(2, dtype=np.uint8)
+    arr.flags.writeable = False
+    assert byte_view(arr).readonly
+
+
+def test_byte_view_rejects_non_contiguous() -> None:
+    with pytest.raises(ValueError, match="C-contiguous"):
+        byte_view(np.arange(10, dtype=np.int32)[::2])
 
 
 # --- reading -------------------------------------------------------------------------
@@ -476,11 +614,29 @@ def test_hash_file_segments_empty_file(tmp_path: Path) -> None:
     assert hash_file_segments(path, 16) == {0: xxhash.xxh3_64_hexdigest(b"")}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: an index past the end yields the empty digest instead of an error"
-)
-def test_hash_file_segments_rejects_index_past_end(model: tuple[Path, dict[str, Arr]]) -> None:
+@pytest.mark.parametrize("offset", [0, 3], ids=["just-past-end", "far-past-end"])
+def test_hash_file_segments_rejects_index_past_end(
+    model: tuple[Path, dict[str, Arr]], offset: int
+) -> None:
     path, _ = model
     count = segment_count(path.stat().st_size, 50)
-    with pytest.raises((ModelFormatError, ValueError, IndexError)):
-        hash_file_segments(path, 50, [count + 3])
+    with pytest.raises(ValueError) as exc:
+        hash_file_segments(path, 50, [0, count + offset])
+    msg = str(exc.value)
+    assert f"segment index {count + offset} is out of range" in msg
+    assert f"has {count} segment(s)" in msg
+
+
+def test_hash_file_segments_rejects_negative_index(model: tuple[Path, dict[str, Arr]]) -> None:
+    path, _ = model
+    count = segment_count(path.stat().st_size, 50)
+    with pytest.raises(ValueError, match=rf"segment index -1 is out of range.* {count} segment"):
+        hash_file_segments(path, 50, [-1])
+
+
+def test_hash_file_segments_empty_file_has_exactly_one_segment(tmp_path: Path) -> None:
+    path = tmp_path / "empty.bin"
+    path.write_bytes(b"")
+    assert hash_file_segments(path, 16, [0]) == {0: xxhash.xxh3_64_hexdigest(b"")}
+    with pytest.raises(ValueError, match="segment index 1"):
+        hash_file_segments(path, 16, [1])

@@ -6,6 +6,7 @@ import json
 import struct
 
 import numpy as np
+import pydantic
 import pytest
 import safetensors.numpy
 
@@ -317,31 +318,62 @@ def test_parse_header_rejects_file_ending_inside_header() -> None:
         parse_header(head[:-1], file_size=len(head) - 1)
 
 
-# Known gaps: parse_header should turn every bad header into ModelFormatError, but some
-# entries reach TensorSpec's pydantic validation and leak a ValidationError, and some
-# impossible shapes are accepted. See the report; remove the xfail once fixed.
-@pytest.mark.xfail(strict=True, reason="bug: pydantic ValidationError leaks out of parse_header")
 @pytest.mark.parametrize(
-    "obj",
+    ("obj", "name", "words"),
     [
-        {"a": _entry(5, [1], 0, 4)},  # type: ignore[arg-type]
-        {"": _entry("F32", [1], 0, 4)},
-        {"a": _entry("F32", [1], -4, 0)},
+        ({"a": {"dtype": 5, "shape": [1], "data_offsets": [0, 4]}}, "a", "dtype must be a string"),
+        ({"": _entry("F32", [1], 0, 4)}, "", "the tensor name is empty"),
+        ({"a": _entry("F32", [1], -4, 0)}, "a", "data_offsets must be"),
+        ({"a": _entry("F32", [1], 4, 0)}, "a", "begin <= end"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4]}}, "a", "data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}}, "a", "data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}}, "a", "data_offsets"),
+        ({"a": {"dtype": None, "shape": [1], "data_offsets": [0, 4]}}, "a", "dtype must be"),
     ],
-    ids=["dtype-not-str", "empty-name", "negative-offset"],
+    ids=[
+        "dtype-not-str",
+        "empty-name",
+        "negative-offset",
+        "offsets-reversed",
+        "float-offset",
+        "bool-offset",
+        "offsets-str",
+        "dtype-null",
+    ],
 )
-def test_parse_header_bad_values_raise_model_format_error(obj: object) -> None:
+def test_parse_header_bad_values_raise_model_format_error(
+    obj: object, name: str, words: str
+) -> None:
     head = _head(obj)
-    with pytest.raises(ModelFormatError):
+    with pytest.raises(ModelFormatError) as exc:
         parse_header(head, file_size=len(head) + 4)
+    assert str(exc.value).startswith(f"tensor {name!r}: header entry is malformed: ")
+    assert words in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: negative or fractional dims are accepted")
-@pytest.mark.parametrize("shape", [[-1, -1], [1.7], [True]], ids=["negative", "fractional", "bool"])
+@pytest.mark.parametrize(
+    "shape",
+    [[-1, -1], [1.7], [True], [1.0], ["1"], [None], [1, -1]],
+    ids=["negative", "fractional", "bool", "integral-float", "str", "null", "one-negative"],
+)
 def test_parse_header_rejects_invalid_dims(shape: list[object]) -> None:
     head = _head({"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}})
-    with pytest.raises(ModelFormatError):
+    with pytest.raises(ModelFormatError) as exc:
         parse_header(head, file_size=len(head) + 4)
+    assert "tensor 'a'" in str(exc.value)
+    assert "shape must be a list of non-negative integers" in str(exc.value)
+
+
+def test_parse_header_unsupported_dtype_names_tensor() -> None:
+    head = _head({"w": _entry("BF16", [2], 0, 4)})
+    with pytest.raises(ModelFormatError, match=r"^tensor 'w': unsupported tensor dtype 'BF16'"):
+        parse_header(head, file_size=len(head) + 4)
+
+
+def test_parse_header_accepts_zero_dims() -> None:
+    head = _head({"e": _entry("F32", [0, 3], 0, 0), "a": _entry("U8", [2], 0, 2)})
+    layout = parse_header(head, file_size=len(head) + 2)
+    assert [(t.name, t.shape) for t in layout.tensors] == [("e", (0, 3)), ("a", (2,))]
 
 
 # --- Layout helpers ------------------------------------------------------------------
@@ -359,6 +391,12 @@ def test_tensor_spec_properties() -> None:
     assert spec.nbytes == 24
     assert spec.numel == 12
     assert spec.np_dtype == np.dtype("<f2")
+
+
+def test_tensor_spec_rejects_negative_dims() -> None:
+    """TensorSpec also arrives in manifests over the wire: the bound lives in the type."""
+    with pytest.raises(pydantic.ValidationError):
+        TensorSpec(name="w", dtype="F32", shape=(2, -1), begin=0, end=0)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from common.errors import TransferError, TransferTimeout
-from common.timeouts import ProgressTimer, Stage
+from common.timeouts import KEEP, ProgressTimer, Stage
 
 PEER = "http://10.0.0.7:8470"
 WHAT = "PUT /segments/3"
@@ -156,14 +156,33 @@ async def test_timers_nest_and_only_the_stalled_one_fires() -> None:
                 await asyncio.sleep(10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: enter(stage, None) keeps the previous period, so a `null` (no limit) "
-        "streaming_ack_wait passed as in fl_client/transfer.py still times out"
-    ),
-)
 async def test_enter_with_none_period_means_no_limit() -> None:
     async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
         timer.enter(Stage.WAITING, None)  # e.g. Timeouts(streaming_ack_wait=None)
         await asyncio.sleep(0.35)
+    assert timer.stage is Stage.WAITING
+
+
+async def test_enter_with_keep_keeps_period() -> None:
+    with pytest.raises(TransferTimeout, match=r"no progress for 0\.2 s while receiving"):
+        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+            timer.enter(Stage.RECEIVING, KEEP)
+            await asyncio.sleep(10)
+
+
+async def test_enter_none_then_a_period_limits_again() -> None:
+    """'No limit' for one stage does not stick: the next stage can set a period again."""
+    with pytest.raises(TransferTimeout, match=r"no progress for 0\.2 s while receiving"):
+        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+            timer.enter(Stage.WAITING, None)
+            await asyncio.sleep(0.3)
+            timer.enter(Stage.RECEIVING, 0.2)
+            await asyncio.sleep(10)
+
+
+async def test_enter_keep_after_none_stays_unlimited() -> None:
+    async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+        timer.enter(Stage.WAITING, None)
+        timer.enter(Stage.RECEIVING)
+        await asyncio.sleep(0.35)
+    assert timer.stage is Stage.RECEIVING
