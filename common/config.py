@@ -105,6 +105,13 @@ class ClientConfig(_Frozen):
     retry_backoff_max_s: PositiveFloat = Field(
         10.0, description="Longest pause between reconnect attempts to the server."
     )
+    shutdown_timeout_s: PositiveFloat = Field(
+        30.0,
+        description=(
+            "Seconds SIGTERM waits for the segments in flight to finish before the daemon "
+            "stops; whatever is left resumes on the next start."
+        ),
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

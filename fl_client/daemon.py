@@ -19,22 +19,41 @@ import shutil
 from pathlib import Path
 
 from common.config import ClientConfig
-from common.errors import FLError, TaskExpired, TransferError
+from common.errors import (
+    Conflict,
+    FLError,
+    ModelFormatError,
+    TaskExpired,
+    TransferError,
+    UpdateRejected,
+)
 from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
 from fl_client.http import Api, make_session
-from fl_client.trainer import TrainContext, TrainResult, load_trainer
-from fl_client.transfer import commit_update, download_model, upload_update
+from fl_client.trainer import TrainContext, TrainerFailed, TrainResult, load_trainer
+from fl_client.transfer import (
+    Interrupted,
+    commit_update,
+    download_model,
+    report_failure,
+    upload_update,
+)
 
 log = logging.getLogger("fl_client")
 POLL_WAIT_S = 15.0
 
 
 class Progress:
-    """What the heartbeat reports: the phase and bytes of the current task."""
+    """What the heartbeat reports: the phase and bytes of the current task.
 
-    def __init__(self) -> None:
+    ``add`` is also the trainer's progress callback, called from its worker thread; when
+    the daemon is stopping it raises ``Interrupted`` so that training ends promptly and
+    its partial update is discarded (the task resumes by training again).
+    """
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self.stopping = stopping
         self.task_id: str | None = None
         self.phase = Phase.IDLE
         self.done = 0
@@ -45,6 +64,8 @@ class Progress:
 
     def add(self, nbytes: int) -> None:
         self.done += nbytes
+        if self.stopping.is_set() and self.phase is Phase.TRAINING:
+            raise Interrupted("training stopped: the daemon is shutting down")
 
     def idle(self) -> None:
         self.task_id, self.phase, self.done, self.total = None, Phase.IDLE, 0, 0
@@ -53,24 +74,39 @@ class Progress:
 def _train(
     trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
 ) -> tuple[Manifest, TrainResult]:
+    """Run the trainer; any failure of the plugin becomes a ``TrainerFailed`` to report."""
     trainer = load_trainer(trainer_task.trainer)
     man = trainer_task.manifest
     with ModelReader(model_path) as reader:
         if reader.layout != man.layout:
-            raise FLError(f"{model_path} does not match the task's manifest")
-        with ModelWriter(update_path, man.layout, segment_bytes=man.segment_bytes) as writer:
-            result = trainer.train(reader, writer, ctx)
+            raise ModelFormatError(f"{model_path} does not match the task's manifest")
+        with ModelWriter(
+            update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
+        ) as writer:
+            try:
+                result = trainer.train(reader, writer, ctx)
+            except (Interrupted, FLError):
+                raise
+            except Exception as exc:
+                raise TrainerFailed(f"trainer {trainer_task.trainer.name!r} failed: {exc!r}") from exc
             update_man = writer.finish()
+    if not isinstance(result, TrainResult) or result.num_samples < 1:
+        raise TrainerFailed(
+            f"trainer {trainer_task.trainer.name!r} must return TrainResult with num_samples >= 1"
+        )
     return update_man, result
+
 
 
 class ClientDaemon:
     def __init__(self, cfg: ClientConfig) -> None:
         self.cfg = cfg
-        self.progress = Progress()
+        self.stopping = asyncio.Event()
+        self.progress = Progress(self.stopping)
         self.tasks_dir = cfg.workspace / "tasks"
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop``; then finish the segments in flight (bounded) and return."""
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
         async with make_session(identity=self.cfg.name, connections=self.cfg.transfer.window + 4
                                 ) as session:
@@ -80,9 +116,17 @@ class ClientDaemon:
                 beat = tg.create_task(self._heartbeats(api))
                 work = tg.create_task(self._work_loop(api))
                 await stop.wait()
-                log.info("fl-client %s stopping", self.cfg.name)
+                log.info("fl-client %s stopping: finishing segments in flight", self.cfg.name)
+                self.stopping.set()
+                if self.progress.task_id is None:
+                    work.cancel()  # idle in a long-poll: nothing to finish
+                done, _ = await asyncio.wait([work], timeout=self.cfg.shutdown_timeout_s)
+                if not done:
+                    log.warning("segments still in flight after %g s; dropping them",
+                                self.cfg.shutdown_timeout_s)
                 work.cancel()
                 beat.cancel()
+            log.info("fl-client %s stopped", self.cfg.name)
 
     async def _heartbeats(self, api: Api) -> None:
         while True:
@@ -97,7 +141,7 @@ class ClientDaemon:
 
     async def _work_loop(self, api: Api) -> None:
         backoff = 0.5
-        while True:
+        while not self.stopping.is_set():
             try:
                 reply = await api.call(
                     "GET", GET_TASK.format(client=self.cfg.name), TaskReply,
@@ -114,11 +158,21 @@ class ClientDaemon:
             if reply.task is None:
                 await asyncio.sleep(reply.retry_after_s * random.uniform(0.5, 1.0))
                 continue
+            task_id = reply.task.task_id
             try:
                 await self._do_task(api, reply.task)
+            except Interrupted as exc:
+                log.info("task %s paused: %s", task_id, exc)
+                return
             except TaskExpired as err:
                 log.warning("%s", err.message)
-                await asyncio.to_thread(shutil.rmtree, self.tasks_dir / reply.task.task_id, True)
+                await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
+            except (UpdateRejected, TrainerFailed, ModelFormatError) as err:
+                log.error("task %s cannot be completed: %s", task_id, err.message)
+                await self._give_up(api, task_id, err.message)
+            except Conflict as err:
+                log.warning("task %s: %s", task_id, err.message)
+                await asyncio.sleep(backoff)
             except TransferError as err:
                 log.warning("task %s interrupted: %s; will resume", reply.task.task_id,
                             err.message)
@@ -128,6 +182,14 @@ class ClientDaemon:
                 await asyncio.sleep(self.cfg.retry_backoff_max_s)
             finally:
                 self.progress.idle()
+
+    async def _give_up(self, api: Api, task_id: str, reason: str) -> None:
+        """Tell the server, so the round goes on without this site, and drop the task."""
+        try:
+            await report_failure(api, task_id, reason)
+        except FLError as err:
+            log.warning("could not report the failure of task %s: %s", task_id, err.message)
+        await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
 
     def _forget_other_tasks(self, keep: str) -> None:
         for d in self.tasks_dir.iterdir():
@@ -153,7 +215,7 @@ class ClientDaemon:
         else:
             self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
             await download_model(api, task.model_url, man, model, self.cfg.transfer,
-                                 self.progress.add)
+                                 self.progress.add, self.stopping)
             log.info("%s: model downloaded and verified", ids)
             self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
             ctx = TrainContext(site=self.cfg.name, job_id=task.job_id, task_id=task.task_id,
@@ -168,7 +230,7 @@ class ClientDaemon:
             await asyncio.to_thread(model.unlink, True)
         self.progress.start(task.task_id, Phase.UPLOADING, update_man.file_size)
         await upload_update(api, task.task_id, update, update_man, self.cfg.transfer,
-                            self.progress.add)
+                            self.progress.add, self.stopping)
         await commit_update(api, task.task_id, update_man, result.num_samples, result.metrics)
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, update_man.file_size)

@@ -21,8 +21,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.config import BUILTIN_TRAINER, MIB, AddEpsilonParams, TrainerSpec
-from common.errors import ConfigError
+from common.errors import ConfigError, FLError
 from common.modelio import ModelReader, ModelWriter
+
+
+class TrainerFailed(FLError):
+    """The trainer plugin raised or returned something unusable; the site reports it."""
+
+    code = "trainer_failed"
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,13 @@ from common.timeouts import ProgressTimer, Stage
 from common.wire import (
     COMMIT,
     DIGEST_HEADER,
+    TASK_FAIL,
     UPLOAD_SEGMENT,
     UPLOAD_STATUS,
     CommitReply,
     CommitRequest,
     SegmentAck,
+    TaskFailure,
     UploadStatus,
 )
 from fl_client.http import Api, raise_for_error
@@ -75,18 +77,27 @@ async def _with_retries(what: str, attempts: int, op: Callable[[], object]) -> N
             await asyncio.sleep(RETRY_PAUSE_S * attempt)
 
 
-async def _run_window(indices: list[int], window: int, fn: Callable[[int], object]) -> None:
+class Interrupted(Exception):
+    """The daemon is stopping: segments in flight were finished, the rest is left to resume."""
+
+
+async def _run_window(
+    indices: list[int], window: int, fn: Callable[[int], object], stopping: asyncio.Event
+) -> None:
+    """Run ``fn`` over ``indices``, ``window`` at a time; stop taking new ones on ``stopping``."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in indices:
         queue.put_nowait(i)
 
     async def worker() -> None:
-        while not queue.empty():
+        while not queue.empty() and not stopping.is_set():
             await fn(queue.get_nowait())  # type: ignore[misc]
 
     async with asyncio.TaskGroup() as tg:
         for _ in range(min(window, len(indices))):
             tg.create_task(worker())
+    if not queue.empty():
+        raise Interrupted(f"{queue.qsize()} segments left for the next start")
 
 
 def _journal_read(path: Path) -> dict[int, str]:
@@ -129,6 +140,7 @@ async def download_model(
     dest: Path,
     settings: TransferSettings,
     progress: Progress,
+    stopping: asyncio.Event,
 ) -> None:
     """Fetch the model into ``dest`` (resuming a previous partial download)."""
     if dest.exists():
@@ -181,6 +193,7 @@ async def download_model(
             todo, settings.window,
             lambda i: _with_retries(f"segment {i} of {dest.name}",
                                     settings.max_segment_attempts, lambda: fetch(i)),
+            stopping,
         )
     finally:
         await asyncio.to_thread(os.close, fd)
@@ -212,6 +225,7 @@ async def upload_update(
     man: Manifest,
     settings: TransferSettings,
     progress: Progress,
+    stopping: asyncio.Event,
 ) -> UploadStatus:
     """Send the update's segments the server does not hold yet; return the final status."""
     status = await api.call("GET", UPLOAD_STATUS.format(task_id=task_id), UploadStatus)
@@ -262,6 +276,7 @@ async def upload_update(
         todo, settings.window,
         lambda i: _with_retries(f"segment {i} of task {task_id}", settings.max_segment_attempts,
                                 lambda: send(i)),
+        stopping,
     )
     return status
 
@@ -278,3 +293,8 @@ async def commit_update(
     if reply is None:
         raise RequestError("commit got no answer")
     return reply
+
+
+async def report_failure(api: Api, task_id: str, reason: str) -> None:
+    await api.call("POST", TASK_FAIL.format(task_id=task_id), CommitReply,
+                   body=TaskFailure(reason=reason[:4000]))

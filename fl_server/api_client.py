@@ -29,6 +29,7 @@ from common.wire import (
     Phase,
     SegmentAck,
     Task,
+    TaskFailure,
     TaskReply,
     TaskState,
     UploadStatus,
@@ -266,3 +267,21 @@ async def commit(request: web.Request) -> web.Response:
         task.job_id, task.round, task.client, task.task_id, body.num_samples,
     )
     return json_reply(CommitReply(task_id=task.task_id, state=TaskState.COMMITTED))
+
+
+async def fail_task(request: web.Request) -> web.Response:
+    """The site reports it cannot deliver: the task is rejected, the round goes on."""
+    db = request.app[DB]
+    task = await _owned_task(request, writable=True)
+    body = await read_json(request, TaskFailure)
+    reason = f"site reported: {body.reason}"
+    await db.run(db.reject_task, task.task_id, reason, time.time())
+    await asyncio.to_thread(
+        request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id).unlink, True
+    )
+    request.app[RUNNER].poke(task.job_id)
+    log.warning(
+        "job %s round %d: task %s of %s rejected: %s",
+        task.job_id, task.round, task.task_id, task.client, reason,
+    )
+    return json_reply(CommitReply(task_id=task.task_id, state=TaskState.REJECTED))

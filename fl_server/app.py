@@ -49,6 +49,7 @@ def build_app(cfg: ServerConfig) -> web.Application:
     r.add_get(wire.UPLOAD_STATUS, api_client.upload_status)
     r.add_put(wire.UPLOAD_SEGMENT, api_client.upload_segment)
     r.add_post(wire.COMMIT, api_client.commit)
+    r.add_post(wire.TASK_FAIL, api_client.fail_task)
     r.add_post(wire.JOBS, api_admin.submit_job)
     r.add_get(wire.JOBS, api_admin.list_jobs)
     r.add_get(wire.JOB, api_admin.job_status)

@@ -79,8 +79,13 @@ def decide_round(
     min_clients: int,
     train_timeout: float | None,
     now: float,
+    joinable: int = 0,
 ) -> Decision:
-    """What the controller should do with an open round, given its tasks at ``now``."""
+    """What the controller should do with an open round, given its tasks at ``now``.
+
+    ``joinable`` counts live sites the job admits that have no task in this round yet:
+    while there are any, a shortfall is not final, they may still take part.
+    """
     tasks = list(tasks)
     committed = [t for t in tasks if t.state is TaskState.COMMITTED]
     pending = [t for t in tasks if t.state is TaskState.ASSIGNED]
@@ -98,19 +103,31 @@ def decide_round(
     expire = tuple(t.task_id for t in timed_out)
     if len(committed) >= min_clients:
         return Decision(Action.CLOSE, expire=expire)
-    if timed_out:
-        missing = ", ".join(sorted(t.client for t in timed_out))
+    rejected = [t for t in tasks if t.state is TaskState.REJECTED]
+    if (timed_out or rejected) and not joinable:
         got = ", ".join(sorted(t.client for t in committed)) or "none"
+        why = []
+        if timed_out:
+            missing = ", ".join(sorted(t.client for t in timed_out))
+            why.append(f"no result within train_timeout={train_timeout:g} s from: {missing}")
+        if rejected:
+            why.append("rejected: " + ", ".join(sorted(t.client for t in rejected)))
         return Decision(
             Action.FAIL,
             expire=expire,
             reason=(
                 f"round needs {min_clients} updates but only {len(committed)} arrived "
-                f"(from: {got}); no result within train_timeout={train_timeout:g} s "
-                f"from: {missing}"
+                f"(from: {got}); " + "; ".join(why)
             ),
         )
     return Decision(Action.WAIT)
+
+
+def count_joinable(
+    alive: Iterable[str], allowed: Iterable[str] | None, round_tasks: Iterable[TaskView]
+) -> int:
+    tasks = list(round_tasks)
+    return sum(may_take_part(c, allowed, tasks) for c in alive)
 
 
 def may_take_part(client: str, allowed: Iterable[str] | None, round_tasks: Iterable[TaskView]) -> bool:

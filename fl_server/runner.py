@@ -26,6 +26,7 @@ from fl_server.controller import (
     Action,
     TaskView,
     check_job_transition,
+    count_joinable,
     decide_round,
     may_take_part,
 )
@@ -35,6 +36,7 @@ from fl_server.workspace import Workspace
 
 log = logging.getLogger("fl_server.runner")
 IDLE_RECHECK_S = 5.0
+CLIENT_WAIT_RECHECK_S = 0.5
 
 
 def _view(t: TaskRow) -> TaskView:
@@ -182,9 +184,51 @@ class JobRunner:
                 await self._set_state(job_id, JobState.FINISHED)
                 log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
                 return
+            if await self.db.run(self.db.get_round, job_id, rnd) is None:
+                if not await self._wait_for_clients(job_id, cfg):
+                    return
             await self.db.run(self.db.open_round, job_id, rnd, time.time())
             await self._notify_tasks()
             await self._drive_round(job_id, cfg, rnd)
+
+    async def _alive_clients(self, cfg: JobConfig) -> list[str]:
+        now = time.time()
+        return [
+            c.name
+            for c in await self.db.run(self.db.list_clients)
+            if now - c.last_seen <= self.cfg.client_gone_after_s
+            and (cfg.clients is None or c.name in cfg.clients)
+        ]
+
+    async def _wait_for_clients(self, job_id: str, cfg: JobConfig) -> bool:
+        """Hold the round until ``min_clients`` admitted sites are connected."""
+        wake = self._wake[job_id]
+        started = time.monotonic()
+        logged = False
+        while len(await self._alive_clients(cfg)) < cfg.min_clients:
+            job = await self.db.run(self.db.get_job, job_id)
+            if job.state is not JobState.RUNNING:
+                return False
+            waited = time.monotonic() - started
+            if cfg.wait_for_clients_s is not None and waited > cfg.wait_for_clients_s:
+                have = len(await self._alive_clients(cfg))
+                await self._set_state(
+                    job_id,
+                    JobState.FAILED,
+                    f"only {have} of min_clients={cfg.min_clients} sites connected within "
+                    f"wait_for_clients_s={cfg.wait_for_clients_s:g} s",
+                )
+                return False
+            if not logged:
+                log.info("job %s: waiting for %d connected sites", job_id, cfg.min_clients)
+                logged = True
+            wake.clear()
+            try:
+                async with asyncio.timeout(CLIENT_WAIT_RECHECK_S):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+        return True
 
     def _aggregate_sources(self, job_id: str, rnd: int, tasks: list[TaskRow]) -> list[Source]:
         """The files whose weighted sum is the round's aggregate so far (see aggregate)."""
@@ -227,11 +271,18 @@ class JobRunner:
             tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
             unfolded = [t for t in tasks if t.state is TaskState.COMMITTED and not t.folded]
             now = time.time()
+            views = [_view(t) for t in tasks]
+            alive = [
+                c.name
+                for c in await self.db.run(self.db.list_clients)
+                if now - c.last_seen <= self.cfg.client_gone_after_s
+            ]
             decision = decide_round(
-                [_view(t) for t in tasks],
+                views,
                 min_clients=cfg.min_clients,
                 train_timeout=cfg.train_timeout,
                 now=now,
+                joinable=count_joinable(alive, cfg.clients, views),
             )
             if decision.expire:
                 await self.db.run(

@@ -184,6 +184,14 @@ class Cluster:
             time.sleep(0.05)
         raise TimeoutError(f"{what} not reached in {timeout} s:\n{self.logs()}")
 
+    def wait_clients(self, *names: str, timeout: float = 60.0) -> None:
+        """Until the server has seen every named site."""
+        def seen() -> bool:
+            have = {c["name"] for c in self.get("/v1/admin/clients")}
+            return set(names) <= have
+
+        self.wait_for(seen, timeout, f"clients {names} registered")
+
     def model_path(self, job_id: str, rnd: int) -> Path:
         return self.root / "server" / "jobs" / job_id / "models" / f"round-{rnd}.safetensors"
 
@@ -207,3 +215,44 @@ def small_job(name: str = "test-job", *, rounds: int = 3, clients: int = 2,
         "trainer": {"name": "add_epsilon", "params": {"epsilon": epsilon}},
         **extra,
     }
+
+
+# Helpers for fault and resume tests.
+
+
+def log_text(cluster: Cluster, name: str) -> str:
+    """The whole log so far of the server (``"server"``) or of the client ``name``."""
+    path = cluster.root / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def kill(cluster: Cluster, name: str) -> None:
+    """SIGKILL the server (``"server"``) or a client, and reap it: no clean-up runs."""
+    proc = cluster.server if name == "server" else cluster.clients[name]
+    assert proc is not None
+    proc.stop(signal.SIGKILL)
+
+
+def tasks_of(status: dict[str, Any], client: str, rnd: int | None = None) -> list[dict[str, Any]]:
+    """The tasks of ``client`` in a job status, optionally only those of round ``rnd``."""
+    return [t for t in status["tasks"]
+            if t["client"] == client and (rnd is None or t["round"] == rnd)]
+
+
+def assert_exact_model(cluster: Cluster, job_id: str, rounds: int, weights: list[int],
+                       epsilon: float = 0.001) -> None:
+    """The job's model after ``rounds`` is exactly numpy's (see ``tests.expected``)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from tests.expected import expected_after
+
+    initial = load_file(str(cluster.download(job_id, 0, cluster.root / f"{job_id}-0.st")))
+    final = load_file(str(cluster.download(job_id, rounds, cluster.root / f"{job_id}-final.st")))
+    want = expected_after(initial, rounds, weights, epsilon)
+    assert sorted(final) == sorted(want)
+    for name, w in want.items():
+        assert final[name].dtype == w.dtype and final[name].shape == w.shape, name
+        np.testing.assert_array_equal(final[name], w, err_msg=name)
+    first = sorted(initial)[0]
+    assert not np.array_equal(final[first], initial[first]), "the model did not move"
