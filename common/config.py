@@ -74,7 +74,7 @@ class ServerConfig(_Frozen):
         20.0, le=600, description="Longest wait of a get_task call before it answers 'no task'."
     )
     aggregation_chunk_mib: PositiveInt = Field(
-        8, le=1024, description="MiB of one tensor folded into the accumulator at a time."
+        2, le=1024, description="MiB of one tensor folded into the accumulator at a time."
     )
     shutdown_timeout_s: PositiveFloat = Field(
         30.0, description="Seconds SIGTERM waits for in-flight requests before closing them."
@@ -151,7 +151,7 @@ class AddEpsilonParams(_Frozen):
     """Parameters of the built-in ``add_epsilon`` trainer."""
 
     epsilon: float = Field(0.001, allow_inf_nan=False, description="Added to every element.")
-    chunk_mib: PositiveInt = Field(8, le=1024, description="MiB processed at a time.")
+    chunk_mib: PositiveInt = Field(2, le=1024, description="MiB processed at a time.")
 
 
 BUILTIN_TRAINER = "add_epsilon"

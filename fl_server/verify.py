@@ -16,7 +16,7 @@ from common.errors import UpdateRejected
 from common.modelio import byte_view, read_layout
 from common.tensorfile import FLOAT_DTYPES, Layout, check_same_layout
 
-CHECK_CHUNK_BYTES = 4 * 1024 * 1024
+CHECK_CHUNK_BYTES = 1024 * 1024
 
 
 def _check_elements(fd: int, layout: Layout, lo: int, hi: int, buf: np.ndarray) -> None:

@@ -88,7 +88,7 @@ def test_server_defaults(tmp_path: Path) -> None:
     assert cfg.segment_bytes == 32 * MIB == 33_554_432
     assert cfg.client_gone_after_s == 60.0
     assert cfg.long_poll_s == 20.0
-    assert cfg.aggregation_chunk_mib == 8
+    assert cfg.aggregation_chunk_mib == 2
     assert cfg.shutdown_timeout_s == 30.0
     assert cfg.log_level == "INFO"
 

@@ -1,0 +1,65 @@
+"""Trainer plugins for integration tests, named in job files as ``tests.plugins:<factory>``.
+
+Client processes run with the repository root on ``PYTHONPATH``, so they import this
+module like any site's own plugin package.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from common.config import MIB
+from common.modelio import ModelReader, ModelWriter
+from fl_client.trainer import TrainContext, TrainResult
+
+
+class SlowAddEpsilon:
+    """``add_epsilon`` that sleeps ``sleep_s`` before each tensor, reporting progress.
+
+    Its updates are exactly those of the built-in trainer; it only takes longer, so a
+    test can act on a client while it is training.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.epsilon = float(params.get("epsilon", 0.001))
+        self.sleep_s = float(params.get("sleep_s", 0.5))
+
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        for name in model.names:
+            time.sleep(self.sleep_s)
+            for chunk in model.iter_chunks(name, 8 * MIB):
+                np.add(chunk, chunk.dtype.type(self.epsilon), out=chunk)
+                update.write(chunk, name=name)
+                ctx.progress(chunk.nbytes)
+        return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.epsilon})
+
+
+class PoisonAt(SlowAddEpsilon):
+    """``add_epsilon`` everywhere, except that site ``params['site']`` writes a NaN."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__({"sleep_s": 0.0, **params})
+        self.site = str(params["site"])
+
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        if ctx.site != self.site:
+            return super().train(model, update, ctx)
+        for i, name in enumerate(model.names):
+            for j, chunk in enumerate(model.iter_chunks(name, 8 * MIB)):
+                np.add(chunk, chunk.dtype.type(self.epsilon), out=chunk)
+                if i == 0 and j == 0:
+                    chunk[len(chunk) // 2] = np.nan
+                update.write(chunk, name=name)
+                ctx.progress(chunk.nbytes)
+        return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.epsilon})
+
+
+def slow_add_epsilon(params: dict[str, Any]) -> SlowAddEpsilon:
+    return SlowAddEpsilon(params)
+
+
+def poison_at(params: dict[str, Any]) -> PoisonAt:
+    return PoisonAt(params)
