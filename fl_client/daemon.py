@@ -88,14 +88,15 @@ def _train(
             except (Interrupted, FLError):
                 raise
             except Exception as exc:
-                raise TrainerFailed(f"trainer {trainer_task.trainer.name!r} failed: {exc!r}") from exc
+                raise TrainerFailed(
+                    f"trainer {trainer_task.trainer.name!r} failed: {exc!r}"
+                ) from exc
             update_man = writer.finish()
     if not isinstance(result, TrainResult) or result.num_samples < 1:
         raise TrainerFailed(
             f"trainer {trainer_task.trainer.name!r} must return TrainResult with num_samples >= 1"
         )
     return update_man, result
-
 
 
 class ClientDaemon:
@@ -108,8 +109,9 @@ class ClientDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop``; then finish the segments in flight (bounded) and return."""
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
-        async with make_session(identity=self.cfg.name, connections=self.cfg.transfer.window + 4
-                                ) as session:
+        async with make_session(
+            identity=self.cfg.name, connections=self.cfg.transfer.window + 4
+        ) as session:
             api = Api(session, self.cfg.server_url, self.cfg.timeouts)
             log.info("fl-client %s started; server %s", self.cfg.name, self.cfg.server_url)
             async with asyncio.TaskGroup() as tg:
@@ -122,8 +124,10 @@ class ClientDaemon:
                     work.cancel()  # idle in a long-poll: nothing to finish
                 done, _ = await asyncio.wait([work], timeout=self.cfg.shutdown_timeout_s)
                 if not done:
-                    log.warning("segments still in flight after %g s; dropping them",
-                                self.cfg.shutdown_timeout_s)
+                    log.warning(
+                        "segments still in flight after %g s; dropping them",
+                        self.cfg.shutdown_timeout_s,
+                    )
                 work.cancel()
                 beat.cancel()
             log.info("fl-client %s stopped", self.cfg.name)
@@ -131,8 +135,7 @@ class ClientDaemon:
     async def _heartbeats(self, api: Api) -> None:
         while True:
             p = self.progress
-            hb = Heartbeat(task_id=p.task_id, phase=p.phase, bytes_done=p.done,
-                           bytes_total=p.total)
+            hb = Heartbeat(task_id=p.task_id, phase=p.phase, bytes_done=p.done, bytes_total=p.total)
             try:
                 await api.call("POST", HEARTBEAT.format(client=self.cfg.name), None, body=hb)
             except FLError as err:
@@ -144,13 +147,17 @@ class ClientDaemon:
         while not self.stopping.is_set():
             try:
                 reply = await api.call(
-                    "GET", GET_TASK.format(client=self.cfg.name), TaskReply,
-                    params={"wait": str(POLL_WAIT_S)}, wait_s=POLL_WAIT_S,
+                    "GET",
+                    GET_TASK.format(client=self.cfg.name),
+                    TaskReply,
+                    params={"wait": str(POLL_WAIT_S)},
+                    wait_s=POLL_WAIT_S,
                 )
                 backoff = 0.5
             except FLError as err:
-                log.warning("cannot reach the server (%s); retrying in %.1f s", err.message,
-                            backoff)
+                log.warning(
+                    "cannot reach the server (%s); retrying in %.1f s", err.message, backoff
+                )
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(self.cfg.retry_backoff_max_s, backoff * 2)
                 continue
@@ -174,8 +181,7 @@ class ClientDaemon:
                 log.warning("task %s: %s", task_id, err.message)
                 await asyncio.sleep(backoff)
             except TransferError as err:
-                log.warning("task %s interrupted: %s; will resume", reply.task.task_id,
-                            err.message)
+                log.warning("task %s interrupted: %s; will resume", reply.task.task_id, err.message)
                 await asyncio.sleep(backoff)
             except FLError as err:
                 log.error("task %s failed: %s", reply.task.task_id, err.message)
@@ -214,23 +220,39 @@ class ClientDaemon:
             log.info("%s: resuming with the update trained before", ids)
         else:
             self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
-            await download_model(api, task.model_url, man, model, self.cfg.transfer,
-                                 self.progress.add, self.stopping)
+            await download_model(
+                api, task.model_url, man, model, self.cfg.transfer, self.progress.add, self.stopping
+            )
             log.info("%s: model downloaded and verified", ids)
             self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
-            ctx = TrainContext(site=self.cfg.name, job_id=task.job_id, task_id=task.task_id,
-                               round=task.round, num_samples=self.cfg.num_samples,
-                               progress=self.progress.add)
+            ctx = TrainContext(
+                site=self.cfg.name,
+                job_id=task.job_id,
+                task_id=task.task_id,
+                round=task.round,
+                num_samples=self.cfg.num_samples,
+                progress=self.progress.add,
+            )
             update_man, result = await asyncio.to_thread(_train, task, model, update, ctx)
-            saved = {"manifest": update_man.model_dump(mode="json"),
-                     "num_samples": result.num_samples, "metrics": result.metrics}
+            saved = {
+                "manifest": update_man.model_dump(mode="json"),
+                "num_samples": result.num_samples,
+                "metrics": result.metrics,
+            }
             await asyncio.to_thread(_write_atomic, record, json.dumps(saved))
             log.info("%s: training done", ids)
             # the input model is no longer needed: free its disk before the upload
             await asyncio.to_thread(model.unlink, True)
         self.progress.start(task.task_id, Phase.UPLOADING, update_man.file_size)
-        await upload_update(api, task.task_id, update, update_man, self.cfg.transfer,
-                            self.progress.add, self.stopping)
+        await upload_update(
+            api,
+            task.task_id,
+            update,
+            update_man,
+            self.cfg.transfer,
+            self.progress.add,
+            self.stopping,
+        )
         await commit_update(api, task.task_id, update_man, result.num_samples, result.metrics)
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, update_man.file_size)

@@ -48,8 +48,7 @@ class TrainResult:
 
 
 class Trainer(Protocol):
-    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
-        ...
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult: ...
 
 
 class AddEpsilon:

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from common.config import TransferSettings
-from common.digest import segment_count, segment_range
+from common.digest import segment_range
 from common.errors import (
     Conflict,
     FLError,
@@ -70,8 +70,9 @@ async def _with_retries(what: str, attempts: int, op: Callable[[], object]) -> N
         except FLError as err:
             if not _retryable(err) or attempt == attempts:
                 if attempt > 1:
-                    raise type(err)(f"{what}: gave up after {attempt} attempts: {err.message}",
-                                    field=err.field) from err
+                    raise type(err)(
+                        f"{what}: gave up after {attempt} attempts: {err.message}", field=err.field
+                    ) from err
                 raise
             log.warning("%s: attempt %d failed (%s); retrying", what, attempt, err.message)
             await asyncio.sleep(RETRY_PAUSE_S * attempt)
@@ -125,8 +126,11 @@ def _prepare_part(part: Path, size: int) -> None:
 
 def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
     """Journal entries whose bytes on disk still match the manifest."""
-    claimed = [i for i, d in _journal_read(journal).items()
-               if i < man.num_segments and d == man.segment_digests[i]]
+    claimed = [
+        i
+        for i, d in _journal_read(journal).items()
+        if i < man.num_segments and d == man.segment_digests[i]
+    ]
     if not claimed or not part.exists():
         return set()
     actual = hash_file_segments(part, man.segment_bytes, claimed)
@@ -143,17 +147,26 @@ async def download_model(
     stopping: asyncio.Event,
 ) -> None:
     """Fetch the model into ``dest`` (resuming a previous partial download)."""
-    if dest.exists():
+    if await asyncio.to_thread(dest.exists):
         return
     part = dest.with_name(dest.name + ".part")
     journal = dest.with_name(dest.name + ".segments")
     await asyncio.to_thread(_prepare_part, part, man.file_size)
     done = await asyncio.to_thread(_verified_segments, part, journal, man)
     if done:
-        log.info("download of %s resumes: %d of %d segments on disk", dest.name, len(done),
-                 man.num_segments)
-    progress(sum(segment_range(i, man.file_size, man.segment_bytes)[1]
-                 - segment_range(i, man.file_size, man.segment_bytes)[0] for i in done))
+        log.info(
+            "download of %s resumes: %d of %d segments on disk",
+            dest.name,
+            len(done),
+            man.num_segments,
+        )
+    progress(
+        sum(
+            segment_range(i, man.file_size, man.segment_bytes)[1]
+            - segment_range(i, man.file_size, man.segment_bytes)[0]
+            for i in done
+        )
+    )
     todo = [i for i in range(man.num_segments) if i not in done]
     journal_lock = asyncio.Lock()
     fd = await asyncio.to_thread(os.open, part, os.O_RDWR)
@@ -171,28 +184,38 @@ async def download_model(
                 ) as resp:
                     timer.enter(Stage.RECEIVING)
                     await raise_for_error(resp)
-                    if resp.status != 206 and not (resp.status == 200 and start == 0 and
-                                                   end == man.file_size):
-                        raise ProtocolError(f"{what}: server ignored the range (HTTP {resp.status})")
+                    if resp.status != 206 and not (
+                        resp.status == 200 and start == 0 and end == man.file_size
+                    ):
+                        raise ProtocolError(
+                            f"{what}: server ignored the range (HTTP {resp.status})"
+                        )
                     digest = await receive_segment(
-                        resp.content.iter_any(), fd, start, end - start, timer=timer,
+                        resp.content.iter_any(),
+                        fd,
+                        start,
+                        end - start,
+                        timer=timer,
                         read_timeout_s=timeouts.streaming_read_timeout,
                         batch_bytes=settings.io_chunk_bytes,
                     )
             except (aiohttp.ClientError, OSError) as exc:
                 raise TransferError(f"{what} failed: {exc!r}") from exc
         if digest != man.segment_digests[index]:
-            raise IntegrityError(f"{what}: digest {digest}, manifest says "
-                                 f"{man.segment_digests[index]}")
+            raise IntegrityError(
+                f"{what}: digest {digest}, manifest says {man.segment_digests[index]}"
+            )
         async with journal_lock:
             await asyncio.to_thread(_journal_append, journal, index, digest)
         progress(end - start)
 
     try:
         await _run_window(
-            todo, settings.window,
-            lambda i: _with_retries(f"segment {i} of {dest.name}",
-                                    settings.max_segment_attempts, lambda: fetch(i)),
+            todo,
+            settings.window,
+            lambda i: _with_retries(
+                f"segment {i} of {dest.name}", settings.max_segment_attempts, lambda: fetch(i)
+            ),
             stopping,
         )
     finally:
@@ -237,8 +260,12 @@ async def upload_update(
         )
     held = set(status.segments_done)
     if held:
-        log.info("upload of task %s resumes: server holds %d of %d segments", task_id, len(held),
-                 status.num_segments)
+        log.info(
+            "upload of task %s resumes: server holds %d of %d segments",
+            task_id,
+            len(held),
+            status.num_segments,
+        )
     progress(min(man.file_size, len(held) * man.segment_bytes))
     todo = [i for i in range(status.num_segments) if i not in held]
     timeouts = api.timeouts
@@ -268,14 +295,18 @@ async def upload_update(
             except (aiohttp.ClientError, OSError) as exc:
                 raise TransferError(f"{what} failed: {exc!r}") from exc
         if ack.digest != man.segment_digests[index] or (ack.start, ack.end) != (start, end):
-            raise IntegrityError(f"{what}: server acknowledged {ack}, expected {start}-{end} "
-                                 f"with digest {man.segment_digests[index]}")
+            raise IntegrityError(
+                f"{what}: server acknowledged {ack}, expected {start}-{end} "
+                f"with digest {man.segment_digests[index]}"
+            )
         progress(end - start)
 
     await _run_window(
-        todo, settings.window,
-        lambda i: _with_retries(f"segment {i} of task {task_id}", settings.max_segment_attempts,
-                                lambda: send(i)),
+        todo,
+        settings.window,
+        lambda i: _with_retries(
+            f"segment {i} of task {task_id}", settings.max_segment_attempts, lambda: send(i)
+        ),
         stopping,
     )
     return status
@@ -296,5 +327,9 @@ async def commit_update(
 
 
 async def report_failure(api: Api, task_id: str, reason: str) -> None:
-    await api.call("POST", TASK_FAIL.format(task_id=task_id), CommitReply,
-                   body=TaskFailure(reason=reason[:4000]))
+    await api.call(
+        "POST",
+        TASK_FAIL.format(task_id=task_id),
+        CommitReply,
+        body=TaskFailure(reason=reason[:4000]),
+    )

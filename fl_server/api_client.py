@@ -83,7 +83,9 @@ async def heartbeat(request: web.Request) -> web.Response:
         if task.client != client:
             raise Forbidden(f"task {hb.task_id} belongs to another client")
         moved = (hb.phase, hb.bytes_done, hb.bytes_total) != (
-            task.phase, task.bytes_done, task.bytes_total
+            task.phase,
+            task.bytes_done,
+            task.bytes_total,
         )
         if task.state is TaskState.ASSIGNED and moved:
             await db.run(db.touch_task, task.task_id, now, hb.phase, hb.bytes_done, hb.bytes_total)
@@ -264,7 +266,11 @@ async def commit(request: web.Request) -> web.Response:
     request.app[RUNNER].poke(task.job_id)
     log.info(
         "job %s round %d: update of %s committed (task %s, %d samples)",
-        task.job_id, task.round, task.client, task.task_id, body.num_samples,
+        task.job_id,
+        task.round,
+        task.client,
+        task.task_id,
+        body.num_samples,
     )
     return json_reply(CommitReply(task_id=task.task_id, state=TaskState.COMMITTED))
 
@@ -282,6 +288,10 @@ async def fail_task(request: web.Request) -> web.Response:
     request.app[RUNNER].poke(task.job_id)
     log.warning(
         "job %s round %d: task %s of %s rejected: %s",
-        task.job_id, task.round, task.task_id, task.client, reason,
+        task.job_id,
+        task.round,
+        task.task_id,
+        task.client,
+        reason,
     )
     return json_reply(CommitReply(task_id=task.task_id, state=TaskState.REJECTED))

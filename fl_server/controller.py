@@ -130,7 +130,9 @@ def count_joinable(
     return sum(may_take_part(c, allowed, tasks) for c in alive)
 
 
-def may_take_part(client: str, allowed: Iterable[str] | None, round_tasks: Iterable[TaskView]) -> bool:
+def may_take_part(
+    client: str, allowed: Iterable[str] | None, round_tasks: Iterable[TaskView]
+) -> bool:
     """A client gets one task per round, and only if the job admits it."""
     if allowed is not None and client not in set(allowed):
         return False

@@ -37,8 +37,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response(
-            {"code": "internal", "message": "internal server error (see server log)",
-             "field": None},
+            {
+                "code": "internal",
+                "message": "internal server error (see server log)",
+                "field": None,
+            },
             status=500,
         )
 

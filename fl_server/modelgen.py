@@ -50,9 +50,7 @@ def from_file(spec: FileModel, path: Path, segment_bytes: int) -> Manifest:
     return compute_manifest(path, segment_bytes)
 
 
-def prepare_initial(
-    spec: GeneratedModel | FileModel, path: Path, segment_bytes: int
-) -> Manifest:
+def prepare_initial(spec: GeneratedModel | FileModel, path: Path, segment_bytes: int) -> Manifest:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(spec, GeneratedModel):
         return generate(spec, path, segment_bytes)

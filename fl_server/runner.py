@@ -184,9 +184,9 @@ class JobRunner:
                 await self._set_state(job_id, JobState.FINISHED)
                 log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
                 return
-            if await self.db.run(self.db.get_round, job_id, rnd) is None:
-                if not await self._wait_for_clients(job_id, cfg):
-                    return
+            fresh = await self.db.run(self.db.get_round, job_id, rnd) is None
+            if fresh and not await self._wait_for_clients(job_id, cfg):
+                return
             await self.db.run(self.db.open_round, job_id, rnd, time.time())
             await self._notify_tasks()
             await self._drive_round(job_id, cfg, rnd)
@@ -345,7 +345,12 @@ class JobRunner:
             spool.unlink(missing_ok=True)
         log.info(
             "job %s round %d: update of %s (task %s, weight %g) folded in %.2f s",
-            job_id, rnd, task.client, task.task_id, weight, time.monotonic() - started,
+            job_id,
+            rnd,
+            task.client,
+            task.task_id,
+            weight,
+            time.monotonic() - started,
         )
 
     @property
@@ -365,7 +370,12 @@ class JobRunner:
         started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
         man = await asyncio.to_thread(
-            aggregate.finalize, sources, layout, total, out, self.cfg.segment_bytes,
+            aggregate.finalize,
+            sources,
+            layout,
+            total,
+            out,
+            self.cfg.segment_bytes,
             self._chunk_bytes,
         )
         await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
@@ -373,6 +383,9 @@ class JobRunner:
         await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
         log.info(
             "job %s round %d closed: %d updates, total weight %g, aggregated in %.2f s",
-            job_id, rnd, sum(t.state is TaskState.COMMITTED for t in tasks), total,
+            job_id,
+            rnd,
+            sum(t.state is TaskState.COMMITTED for t in tasks),
+            total,
             time.monotonic() - started,
         )

@@ -203,8 +203,12 @@ class StateDB:
             for task_id in expire:
                 c.execute(
                     "UPDATE tasks SET state = ?, reason = ? WHERE task_id = ? AND state = ?",
-                    (TaskState.EXPIRED.value, "no result within train_timeout", task_id,
-                     TaskState.ASSIGNED.value),
+                    (
+                        TaskState.EXPIRED.value,
+                        "no result within train_timeout",
+                        task_id,
+                        TaskState.ASSIGNED.value,
+                    ),
                 )
             c.execute(
                 "UPDATE tasks SET state = ?, reason = COALESCE(reason, 'round closed') "
@@ -250,9 +254,7 @@ class StateDB:
         return [_task(r) for r in rows]
 
     def job_tasks(self, job_id: str) -> list[TaskRow]:
-        rows = self._all(
-            "SELECT * FROM tasks WHERE job_id = ? ORDER BY round, created_at", job_id
-        )
+        rows = self._all("SELECT * FROM tasks WHERE job_id = ? ORDER BY round, created_at", job_id)
         return [_task(r) for r in rows]
 
     def assigned_tasks_of(self, client: str) -> list[TaskRow]:
@@ -294,8 +296,15 @@ class StateDB:
             c.execute(
                 "UPDATE tasks SET state = ?, num_samples = ?, metrics = ?, digest = ?, "
                 "phase = ?, last_progress = ?, reason = NULL WHERE task_id = ?",
-                (TaskState.COMMITTED.value, num_samples, json.dumps(metrics), digest,
-                 Phase.DONE.value, now, task_id),
+                (
+                    TaskState.COMMITTED.value,
+                    num_samples,
+                    json.dumps(metrics),
+                    digest,
+                    Phase.DONE.value,
+                    now,
+                    task_id,
+                ),
             )
 
     def mark_folded(self, task_id: str, job_id: str, rnd: int, folded: int, weight: float) -> None:

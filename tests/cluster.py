@@ -60,16 +60,28 @@ def _join_cgroup(procs_file: Path) -> None:
     procs_file.write_text(str(os.getpid()))
 
 
-def spawn(name: str, args: list[str], log: Path, env: dict[str, str] | None = None,
-          cgroup_procs: Path | None = None) -> Proc:
+def spawn(
+    name: str,
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cgroup_procs: Path | None = None,
+) -> Proc:
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     if env:
         full_env.update(env)
     f = open(log, "ab")  # noqa: SIM115 - the child owns it
     join = None if cgroup_procs is None else (lambda: _join_cgroup(cgroup_procs))
-    popen = subprocess.Popen([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT,
-                             env=full_env, cwd=REPO, start_new_session=True, preexec_fn=join)
+    popen = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=REPO,
+        start_new_session=True,
+        preexec_fn=join,
+    )
     f.close()
     return Proc(name, popen, log)
 
@@ -101,11 +113,20 @@ class Cluster:
         return path
 
     def start_server(self, wait: bool = True) -> Proc:
-        cfg = {"host": "127.0.0.1", "port": self.port, "workspace": str(self.root / "server"),
-               "segment_mib": self.segment_mib, **self.server_extra}
+        cfg = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "workspace": str(self.root / "server"),
+            "segment_mib": self.segment_mib,
+            **self.server_extra,
+        }
         path = self.write_yaml("server.yaml", cfg)
-        self.server = spawn("server", ["-m", "fl_server", "--config", str(path)],
-                            self.root / "server.log", cgroup_procs=self.cgroup_procs)
+        self.server = spawn(
+            "server",
+            ["-m", "fl_server", "--config", str(path)],
+            self.root / "server.log",
+            cgroup_procs=self.cgroup_procs,
+        )
         if wait:
             self.wait_healthy()
         return self.server
@@ -124,11 +145,20 @@ class Cluster:
         raise RuntimeError("server did not become healthy")
 
     def start_client(self, name: str, num_samples: int = 1, **extra: Any) -> Proc:
-        cfg = {"name": name, "server_url": self.url, "workspace": str(self.root / name),
-               "num_samples": num_samples, **extra}
+        cfg = {
+            "name": name,
+            "server_url": self.url,
+            "workspace": str(self.root / name),
+            "num_samples": num_samples,
+            **extra,
+        }
         path = self.write_yaml(f"{name}.yaml", cfg)
-        proc = spawn(name, ["-m", "fl_client", "--config", str(path)], self.root / f"{name}.log",
-                     cgroup_procs=self.cgroup_procs)
+        proc = spawn(
+            name,
+            ["-m", "fl_client", "--config", str(path)],
+            self.root / f"{name}.log",
+            cgroup_procs=self.cgroup_procs,
+        )
         self.clients[name] = proc
         return proc
 
@@ -143,12 +173,16 @@ class Cluster:
         return "\n".join(f"--- {p.name} ---\n{p.tail()}" for p in procs)
 
     # HTTP
-    def request(self, method: str, path: str, body: Any = None,
-                headers: dict[str, str] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 raw = resp.read()
@@ -166,8 +200,12 @@ class Cluster:
         result: dict[str, Any] = self.get(f"/v1/admin/jobs/{job_id}")
         return result
 
-    def wait_job(self, job_id: str, timeout: float = 120.0,
-                 states: tuple[str, ...] = ("finished", "failed", "aborted")) -> dict[str, Any]:
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float = 120.0,
+        states: tuple[str, ...] = ("finished", "failed", "aborted"),
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = self.status(job_id)
@@ -186,6 +224,7 @@ class Cluster:
 
     def wait_clients(self, *names: str, timeout: float = 60.0) -> None:
         """Until the server has seen every named site."""
+
         def seen() -> bool:
             have = {c["name"] for c in self.get("/v1/admin/clients")}
             return set(names) <= have
@@ -203,15 +242,27 @@ class Cluster:
         return dest
 
 
-def small_job(name: str = "test-job", *, rounds: int = 3, clients: int = 2,
-              tensors: int = 6, shape: list[int] | None = None, epsilon: float = 0.001,
-              **extra: Any) -> dict[str, Any]:
+def small_job(
+    name: str = "test-job",
+    *,
+    rounds: int = 3,
+    clients: int = 2,
+    tensors: int = 6,
+    shape: list[int] | None = None,
+    epsilon: float = 0.001,
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "name": name,
         "num_rounds": rounds,
         "min_clients": clients,
-        "model": {"kind": "generated", "num_tensors": tensors,
-                  "tensor_shape": shape or [301, 257], "dtype": "float32", "seed": 7},
+        "model": {
+            "kind": "generated",
+            "num_tensors": tensors,
+            "tensor_shape": shape or [301, 257],
+            "dtype": "float32",
+            "seed": 7,
+        },
         "trainer": {"name": "add_epsilon", "params": {"epsilon": epsilon}},
         **extra,
     }
@@ -235,12 +286,14 @@ def kill(cluster: Cluster, name: str) -> None:
 
 def tasks_of(status: dict[str, Any], client: str, rnd: int | None = None) -> list[dict[str, Any]]:
     """The tasks of ``client`` in a job status, optionally only those of round ``rnd``."""
-    return [t for t in status["tasks"]
-            if t["client"] == client and (rnd is None or t["round"] == rnd)]
+    return [
+        t for t in status["tasks"] if t["client"] == client and (rnd is None or t["round"] == rnd)
+    ]
 
 
-def assert_exact_model(cluster: Cluster, job_id: str, rounds: int, weights: list[int],
-                       epsilon: float = 0.001) -> None:
+def assert_exact_model(
+    cluster: Cluster, job_id: str, rounds: int, weights: list[int], epsilon: float = 0.001
+) -> None:
     """The job's model after ``rounds`` is exactly numpy's (see ``tests.expected``)."""
     import numpy as np
     from safetensors.numpy import load_file

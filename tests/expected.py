@@ -13,8 +13,11 @@ def add_epsilon_round(model: Model, weights: list[int], epsilon: float) -> Model
     out: Model = {}
     for name, x in model.items():
         updates = [(x + x.dtype.type(epsilon)).astype(x.dtype) for _ in weights]
-        avg = np.average(np.stack([u.astype(np.float64) for u in updates]), axis=0,
-                         weights=np.asarray(weights, dtype=np.float64))
+        avg = np.average(
+            np.stack([u.astype(np.float64) for u in updates]),
+            axis=0,
+            weights=np.asarray(weights, dtype=np.float64),
+        )
         out[name] = avg.astype(x.dtype)
     return out
 

@@ -361,8 +361,11 @@ class FaultProxy:
             "stalled": self.stalled,
             "request_lines": list(self.request_lines),
             "rules": [
-                {"rule": a.rule.model_dump(exclude_defaults=True), "claimed": a.claimed,
-                 "fired": a.fired}
+                {
+                    "rule": a.rule.model_dump(exclude_defaults=True),
+                    "claimed": a.claimed,
+                    "fired": a.fired,
+                }
                 for a in self._rules
             ],
         }
@@ -447,10 +450,10 @@ class FaultProxy:
                 return msg, -1 if length is None else length, False
 
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._pump("up", c_reader, s_writer, _Framer(request_head),
-                                          writers))
-                tg.create_task(self._pump("down", s_reader, c_writer, _Framer(response_head),
-                                          writers))
+                tg.create_task(self._pump("up", c_reader, s_writer, _Framer(request_head), writers))
+                tg.create_task(
+                    self._pump("down", s_reader, c_writer, _Framer(response_head), writers)
+                )
         except* (OSError, _Cut, ValueError):
             pass
         finally:
@@ -527,8 +530,9 @@ class FaultProxy:
         data = piece.data
         body_at = piece.body_at
         while True:
-            cuts = [a for a in msg.claimed if a.rule.cut_after_bytes is not None
-                    and a in self._rules]
+            cuts = [
+                a for a in msg.claimed if a.rule.cut_after_bytes is not None and a in self._rules
+            ]
             for a in cuts:
                 assert a.rule.cut_after_bytes is not None
                 if msg.sent >= a.rule.cut_after_bytes:
@@ -546,8 +550,11 @@ class FaultProxy:
             for a in cuts:
                 assert a.rule.cut_after_bytes is not None
                 n = min(n, a.rule.cut_after_bytes - msg.sent)
-            throttles = [a for a in self._rules
-                         if a.rule.throttle_bps is not None and a.applies(direction, msg)]
+            throttles = [
+                a
+                for a in self._rules
+                if a.rule.throttle_bps is not None and a.applies(direction, msg)
+            ]
             for a in throttles:
                 assert a.rule.throttle_bps is not None
                 n = min(n, max(1, a.rule.throttle_bps // THROTTLE_SLICES_PER_S))
@@ -578,8 +585,9 @@ class FaultProxy:
 # control over HTTP (process mode)
 
 
-async def _control(proxy: FaultProxy, reader: asyncio.StreamReader,
-                   writer: asyncio.StreamWriter) -> None:
+async def _control(
+    proxy: FaultProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         line, headers = _headers(head)
@@ -602,7 +610,8 @@ async def _control(proxy: FaultProxy, reader: asyncio.StreamReader,
         out = json.dumps(reply).encode()
         writer.write(
             f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(out)}\r\nConnection: close\r\n\r\n".encode() + out
+            f"Content-Length: {len(out)}\r\nConnection: close\r\n\r\n".encode()
+            + out
         )
         await writer.drain()
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -629,8 +638,11 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.ready_file:
         ports = {"listen_port": proxy.port, "control_port": control_port}
         await asyncio.to_thread(_write_atomic, Path(args.ready_file), json.dumps(ports))
-    print(f"proxy 127.0.0.1:{proxy.port} -> 127.0.0.1:{args.target_port}, control "
-          f"127.0.0.1:{control_port}", flush=True)
+    print(
+        f"proxy 127.0.0.1:{proxy.port} -> 127.0.0.1:{args.target_port}, control "
+        f"127.0.0.1:{control_port}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -665,27 +677,43 @@ def _rules(rules: tuple[RuleLike, ...]) -> list[Rule]:
 class ProxyProcess:
     """``python -m tests.proxy`` as a child process, driven over its control port."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], port: int, control_port: int,
-                 log: Path) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], port: int, control_port: int, log: Path
+    ) -> None:
         self.popen = popen
         self.port = port
         self.control_port = control_port
         self.log = log
 
     @classmethod
-    def start(cls, target_port: int, workdir: Path, *, name: str = "proxy",
-              sock_buffer: int | None = None, timeout: float = 20.0) -> ProxyProcess:
+    def start(
+        cls,
+        target_port: int,
+        workdir: Path,
+        *,
+        name: str = "proxy",
+        sock_buffer: int | None = None,
+        timeout: float = 20.0,
+    ) -> ProxyProcess:
         ready = workdir / f"{name}.ready.json"
         log = workdir / f"{name}.log"
-        args = [sys.executable, "-m", "tests.proxy", "--target-port", str(target_port),
-                "--ready-file", str(ready)]
+        args = [
+            sys.executable,
+            "-m",
+            "tests.proxy",
+            "--target-port",
+            str(target_port),
+            "--ready-file",
+            str(ready),
+        ]
         if sock_buffer is not None:
             args += ["--sock-buffer", str(sock_buffer)]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         with open(log, "ab") as f:
-            popen = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                     start_new_session=True)
+            popen = subprocess.Popen(
+                args, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if popen.poll() is not None or time.monotonic() > deadline:
@@ -702,8 +730,9 @@ class ProxyProcess:
 
     def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{HOST}:{self.control_port}{path}", data=data,
-                                     method=method)
+        req = urllib.request.Request(
+            f"http://{HOST}:{self.control_port}{path}", data=data, method=method
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             result: dict[str, Any] = json.loads(resp.read())
         return result
@@ -743,8 +772,9 @@ class ProxyThread:
         self.target_port = target_port
         self.sock_buffer = sock_buffer
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fault-proxy", daemon=True
+        )
         self._proxy: FaultProxy | None = None
 
     def start(self) -> ProxyThread:

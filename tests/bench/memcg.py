@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,5 @@ class MemCgroup:
         }
 
     def remove(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self.path)
-        except OSError:
-            pass

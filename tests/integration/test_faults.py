@@ -38,8 +38,10 @@ TIMEOUTS = {
 GET_MODEL = r"^GET /v1/tasks/\S+/model "
 PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
 STAGE_WORDS = ("sending", "waiting", "receiving")
-SLOW_TRAINER = {"name": "tests.plugins:slow_add_epsilon",
-                "params": {"sleep_s": 0.4, "epsilon": 0.001}}
+SLOW_TRAINER = {
+    "name": "tests.plugins:slow_add_epsilon",
+    "params": {"sleep_s": 0.4, "epsilon": 0.001},
+}
 NO_PROGRESS = re.compile(r"no progress for (\S+) s while (\w+)")
 
 
@@ -132,8 +134,13 @@ def test_slow_transfers_outlast_the_timeouts_without_error(
     cluster.server_extra["timeouts"] = timeouts
     cluster.start_server()
     proxy.set_faults(Rule(direction="both", throttle_bps=256 * 1024))
-    _client(cluster, "site-1", server_url=proxy.url, timeouts=timeouts,
-            transfer={"window": 1, "io_chunk_kib": 64})
+    _client(
+        cluster,
+        "site-1",
+        server_url=proxy.url,
+        timeouts=timeouts,
+        transfer={"window": 1, "io_chunk_kib": 64},
+    )
     started = time.monotonic()
     job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=1, shape=[400, 400]))
     status = cluster.wait_job(job_id, timeout=60)
@@ -156,8 +163,13 @@ def test_stalled_transfers_fail_fast_naming_the_stage_then_resume(
     cluster.server_extra["timeouts"] = TIMEOUTS
     cluster.start_server()
     proxy.set_faults(Rule(match=GET_MODEL, direction="down", stall=True, after_bytes=300_000))
-    _client(cluster, "site-1", server_url=proxy.url, timeouts=TIMEOUTS,
-            transfer={"window": 2, "io_chunk_kib": 64})
+    _client(
+        cluster,
+        "site-1",
+        server_url=proxy.url,
+        timeouts=TIMEOUTS,
+        transfer={"window": 2, "io_chunk_kib": 64},
+    )
     job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
 
     # the download stalls: the client's receiving timer fires after about 1 s
@@ -199,8 +211,13 @@ def test_client_survives_a_stall_longer_than_all_segment_attempts(
     cluster.server_extra["timeouts"] = TIMEOUTS
     cluster.start_server()
     proxy.set_faults(Rule(match=GET_MODEL, direction="down", stall=True, after_bytes=300_000))
-    _client(cluster, "site-1", server_url=proxy.url, timeouts=TIMEOUTS,
-            transfer={"window": 2, "max_segment_attempts": 2, "io_chunk_kib": 64})
+    _client(
+        cluster,
+        "site-1",
+        server_url=proxy.url,
+        timeouts=TIMEOUTS,
+        transfer={"window": 2, "max_segment_attempts": 2, "io_chunk_kib": 64},
+    )
     job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
     _wait_log(cluster, "site-1", r"gave up after 2 attempts|Traceback")
     time.sleep(0.5)
@@ -261,8 +278,11 @@ def test_server_killed_mid_round_resumes_without_redoing_a_round(cluster: Cluste
 
     def round2_running() -> bool:
         st = cluster.status(job_id)
-        return (len(st["rounds"]) == 2 and st["rounds"][0]["state"] == "closed"
-                and len(tasks_of(st, "site-1", 2) + tasks_of(st, "site-2", 2)) > 0)
+        return (
+            len(st["rounds"]) == 2
+            and st["rounds"][0]["state"] == "closed"
+            and len(tasks_of(st, "site-1", 2) + tasks_of(st, "site-2", 2)) > 0
+        )
 
     cluster.wait_for(round2_running, 30, "round 2 under way")
     before = cluster.status(job_id)
@@ -303,8 +323,9 @@ def test_client_back_after_its_round_closed_gets_task_expired_and_joins_current_
     (old,) = tasks_of(status, "site-2", 1)
     assert old["state"] == "expired"
     # the client was told, by name of task, and went on to the round then open
-    assert re.search(rf"task {old['task_id']} \(job {job_id}, round 1\) has expired",
-                     log_text(cluster, "site-2"))
+    assert re.search(
+        rf"task {old['task_id']} \(job {job_id}, round 1\) has expired", log_text(cluster, "site-2")
+    )
     later = [t for t in tasks_of(status, "site-2") if t["round"] > 1]
     assert later and all(t["state"] == "committed" for t in later), status["tasks"]
     assert status["rounds"][0]["num_updates"] == 1

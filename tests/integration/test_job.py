@@ -55,14 +55,20 @@ def test_unequal_client_weights(cluster: Cluster) -> None:
 def test_model_spanning_many_segments_with_odd_tensor_sizes(cluster: Cluster) -> None:
     # 3 tensors of 1,001,001 float32 (~3.8 MiB each) over 1 MiB segments: segment
     # boundaries fall inside tensors and the header sits in segment 0
-    job_id, _ = _run_job(cluster, {"site-1": 2, "site-2": 5}, rounds=2, tensors=3,
-                         shape=[1001, 1001])
+    job_id, _ = _run_job(
+        cluster, {"site-1": 2, "site-2": 5}, rounds=2, tensors=3, shape=[1001, 1001]
+    )
     _check_exact(cluster, job_id, [2, 5], rounds=2)
 
 
 def test_poc_command_prints_ok() -> None:
-    out = subprocess.run([sys.executable, "-m", "fl_client.poc"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "fl_client.poc"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, out.stdout + out.stderr
     assert last.startswith("fl-poc: OK rounds=3"), out.stdout

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.integration
 def test_sigterm_stops_server_and_client_with_exit_zero(cluster: Cluster) -> None:
     cluster.start_server()
     client = cluster.start_client("site-1")
-    cluster.wait_for(lambda: any(c["name"] == "site-1" for c in cluster.get("/v1/admin/clients")),
-                     what="client registered")
+    cluster.wait_for(
+        lambda: any(c["name"] == "site-1" for c in cluster.get("/v1/admin/clients")),
+        what="client registered",
+    )
     assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
     assert "stopped" in client.tail()
     assert cluster.server is not None
@@ -32,8 +34,10 @@ def test_failing_trainer_is_reported_and_round_goes_on(cluster: Cluster) -> None
     cluster.start_client("site-2")
     cluster.wait_clients("site-1", "site-2")
     job = small_job(rounds=2, clients=1, tensors=2)
-    job["trainer"] = {"name": "tests.failing_trainer:factory",
-                      "params": {"fail_site": "site-2", "epsilon": 0.001}}
+    job["trainer"] = {
+        "name": "tests.failing_trainer:factory",
+        "params": {"fail_site": "site-2", "epsilon": 0.001},
+    }
     job_id = cluster.submit(job)
     status = cluster.wait_job(job_id, timeout=120)
     assert status["job"]["state"] == "finished", cluster.logs()
