@@ -6,7 +6,8 @@
     │   ├── NotFound             unknown job, task, client or model (404)
     │   ├── Forbidden            the caller may not do this (403)
     │   ├── Conflict             the request clashes with current state (409)
-    │   │   └── TaskExpired      the task's round has closed (410)
+    │   │   ├── TaskExpired      the task's round has closed (410)
+    │   │   └── SegmentBusy      the same segment is being received already (409)
     │   └── UpdateRejected       an update failed verification (422)
     ├── TransferError            moving bytes failed
     │   ├── TransferTimeout      a progress timer fired (names the stage and peer)
@@ -72,6 +73,13 @@ class Conflict(RequestError):
 class TaskExpired(Conflict):
     code = "task_expired"
     http_status = 410
+
+
+class SegmentBusy(Conflict):
+    """Another connection is still delivering this segment: try again in a moment."""
+
+    code = "segment_busy"
+    http_status = 409
 
 
 class UpdateRejected(RequestError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -24,12 +24,12 @@ import aiohttp
 from common.config import TransferSettings
 from common.digest import segment_range
 from common.errors import (
-    Conflict,
     FLError,
     IntegrityError,
     ProtocolError,
     RequestError,
     ResumeMismatch,
+    SegmentBusy,
     TransferError,
 )
 from common.modelio import hash_file_segments
@@ -59,13 +59,13 @@ def _retryable(err: FLError) -> bool:
     """Transport trouble and digest errors are worth another try; refusals are not."""
     if isinstance(err, IntegrityError | TransferError):
         return not isinstance(err, ResumeMismatch)
-    return isinstance(err, Conflict) and "already being received" in err.message
+    return isinstance(err, SegmentBusy)
 
 
-async def _with_retries(what: str, attempts: int, op: Callable[[], object]) -> None:
+async def _with_retries(what: str, attempts: int, op: Callable[[], Awaitable[None]]) -> None:
     for attempt in range(1, attempts + 1):
         try:
-            await op()  # type: ignore[misc]
+            await op()
             return
         except FLError as err:
             if not _retryable(err) or attempt == attempts:
@@ -82,21 +82,38 @@ class Interrupted(Exception):
     """The daemon is stopping: segments in flight were finished, the rest is left to resume."""
 
 
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first failure in a (possibly nested) group: what the window's caller reacts to."""
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 async def _run_window(
-    indices: list[int], window: int, fn: Callable[[int], object], stopping: asyncio.Event
+    indices: list[int],
+    window: int,
+    fn: Callable[[int], Awaitable[None]],
+    stopping: asyncio.Event,
 ) -> None:
-    """Run ``fn`` over ``indices``, ``window`` at a time; stop taking new ones on ``stopping``."""
+    """Run ``fn`` over ``indices``, ``window`` at a time; stop taking new ones on ``stopping``.
+
+    The first segment that fails for good cancels the others and its error leaves as
+    itself, not wrapped in an ``ExceptionGroup``: callers handle transfer errors by class
+    (resume later, give up, report), and one failed segment fails the transfer.
+    """
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in indices:
         queue.put_nowait(i)
 
     async def worker() -> None:
         while not queue.empty() and not stopping.is_set():
-            await fn(queue.get_nowait())  # type: ignore[misc]
+            await fn(queue.get_nowait())
 
-    async with asyncio.TaskGroup() as tg:
-        for _ in range(min(window, len(indices))):
-            tg.create_task(worker())
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(window, len(indices))):
+                tg.create_task(worker())
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
     if not queue.empty():
         raise Interrupted(f"{queue.qsize()} segments left for the next start")
 

@@ -15,7 +15,14 @@ import time
 from aiohttp import web
 
 from common.digest import segment_count, segment_range, whole_digest
-from common.errors import Conflict, Forbidden, IntegrityError, RequestError, TaskExpired
+from common.errors import (
+    Conflict,
+    Forbidden,
+    IntegrityError,
+    RequestError,
+    SegmentBusy,
+    TaskExpired,
+)
 from common.streams import SegmentTooLong, receive_segment
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
@@ -195,7 +202,7 @@ async def upload_segment(request: web.Request) -> web.Response:
     busy = request.app[UPLOADS]
     key = (task.task_id, index)
     if key in busy:
-        raise Conflict(f"segment {index} of task {task.task_id} is already being received")
+        raise SegmentBusy(f"segment {index} of task {task.task_id} is already being received")
     busy.add(key)
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
     try:

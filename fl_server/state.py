@@ -276,10 +276,6 @@ class StateDB:
                 (now, None if phase is None else phase.value, done, total, task_id),
             )
 
-    def note_task_reason(self, task_id: str, reason: str) -> None:
-        with self._tx() as c:
-            c.execute("UPDATE tasks SET reason = ? WHERE task_id = ?", (reason, task_id))
-
     def reject_task(self, task_id: str, reason: str, now: float) -> None:
         with self._tx() as c:
             c.execute(

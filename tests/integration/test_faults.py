@@ -196,15 +196,6 @@ def test_stalled_transfers_fail_fast_naming_the_stage_then_resume(
     assert_exact_model(cluster, job_id, 1, [1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: fl_client/transfer.py _run_window runs segments in an asyncio.TaskGroup, so a "
-        "segment that exhausts max_segment_attempts leaves as an ExceptionGroup, which "
-        "ClientDaemon._work_loop (except TransferError/FLError) does not catch: the client "
-        "process exits with a traceback instead of logging 'will resume' and retrying"
-    ),
-)
 def test_client_survives_a_stall_longer_than_all_segment_attempts(
     cluster: Cluster, proxy: ProxyProcess
 ) -> None:
@@ -219,9 +210,11 @@ def test_client_survives_a_stall_longer_than_all_segment_attempts(
         transfer={"window": 2, "max_segment_attempts": 2, "io_chunk_kib": 64},
     )
     job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
-    _wait_log(cluster, "site-1", r"gave up after 2 attempts|Traceback")
+    # both tries time out in the receiving stage; the client keeps the task to resume
+    _wait_log(cluster, "site-1", r"gave up after 2 attempts: .*no progress .* will resume")
     time.sleep(0.5)
     assert cluster.clients["site-1"].alive(), log_text(cluster, "site-1")[-3000:]
+    assert "Traceback" not in log_text(cluster, "site-1")
     proxy.clear_faults()
     status = cluster.wait_job(job_id, timeout=30)
     assert status["job"]["state"] == "finished", cluster.logs()
