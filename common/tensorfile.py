@@ -205,8 +205,12 @@ def _parse_entry(name: str, entry: object) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
 
-def parse_header(head: bytes, *, file_size: int) -> Layout:
-    """Parse and validate the header bytes (length prefix included) of a file."""
+def parse_header(head: bytes, *, file_size: int | None) -> Layout:
+    """Parse and validate the header bytes (length prefix included) of a file.
+
+    ``file_size=None`` skips the check against the file's size, for a header read
+    before the rest of the file has arrived.
+    """
     n = header_length(head)
     if len(head) < HEADER_LEN_BYTES + n:
         raise ModelFormatError("file ends inside its header")
@@ -234,7 +238,7 @@ def parse_header(head: bytes, *, file_size: int) -> Layout:
             raise ModelFormatError(f"tensor {s.name!r}: data is not contiguous at byte {pos}")
         pos = s.end
     layout = Layout(tensors=tuple(specs), data_offset=HEADER_LEN_BYTES + n)
-    if layout.file_size != file_size:
+    if file_size is not None and layout.file_size != file_size:
         raise ModelFormatError(
             f"file is {file_size} bytes but its header describes {layout.file_size}"
         )

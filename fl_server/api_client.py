@@ -207,13 +207,14 @@ async def upload_segment(request: web.Request) -> web.Response:
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
     try:
         fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
+        timer = ProgressTimer(
+            cfg.timeouts.communication_timeout,
+            stage=Stage.RECEIVING,
+            peer=task.client,
+            what=f"segment {index} of task {task.task_id}",
+        )
         try:
-            async with ProgressTimer(
-                cfg.timeouts.communication_timeout,
-                stage=Stage.RECEIVING,
-                peer=task.client,
-                what=f"segment {index} of task {task.task_id}",
-            ) as timer:
+            async with timer:
                 digest = await receive_segment(
                     request.content.iter_any(),
                     fd,
@@ -223,6 +224,18 @@ async def upload_segment(request: web.Request) -> web.Response:
                     read_timeout_s=cfg.timeouts.streaming_read_timeout,
                     batch_bytes=cfg.transfer.io_chunk_bytes,
                 )
+        except asyncio.CancelledError:
+            # the client went away mid-body (or the server is stopping): nothing recorded
+            log.warning(
+                "segment %d of task %s from %s: connection closed after %d of %d bytes; "
+                "not acknowledged, the client sends it again",
+                index,
+                task.task_id,
+                task.client,
+                timer.bytes_moved,
+                end - start,
+            )
+            raise
         finally:
             os.close(fd)
         if digest != declared:
@@ -231,6 +244,8 @@ async def upload_segment(request: web.Request) -> web.Response:
                 f"sender declared {declared}; send it again",
                 field="body",
             )
+        if start == 0:
+            await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
         await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
     finally:
         busy.discard(key)

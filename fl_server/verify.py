@@ -3,6 +3,9 @@
 Values are checked per segment as segments arrive (whole elements inside the segment)
 and, at commit, the few elements that straddle a segment boundary; together that is
 every element exactly once, without a second pass over the update at commit time.
+The header is checked as soon as the segment holding it arrives, so an update with
+the wrong tensors is refused at its first segment, naming the tensor, rather than
+after the whole upload.
 """
 
 from __future__ import annotations
@@ -13,8 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UpdateRejected
+from common.errors import ModelFormatError
 from common.modelio import byte_view, read_layout
-from common.tensorfile import FLOAT_DTYPES, Layout, check_same_layout
+from common.tensorfile import (
+    FLOAT_DTYPES,
+    HEADER_LEN_BYTES,
+    Layout,
+    check_same_layout,
+    header_length,
+    parse_header,
+)
 
 CHECK_CHUNK_BYTES = 1024 * 1024
 
@@ -55,6 +66,29 @@ def check_segment_values(path: Path, layout: Layout, start: int, end: int) -> No
         _check_elements(fd, layout, start, end, buf)
     finally:
         os.close(fd)
+
+
+def check_header_early(path: Path, expected: Layout, received: int) -> None:
+    """Check the update's header now if it lies within its first ``received`` bytes.
+
+    A header that reaches further is checked at commit by ``check_update``.
+    """
+    with open(path, "rb") as f:
+        prefix = f.read(min(received, HEADER_LEN_BYTES))
+        try:
+            n = header_length(prefix)
+        except ModelFormatError as exc:
+            raise UpdateRejected(
+                f"update is not a valid model file: {exc}", field="header"
+            ) from None
+        if HEADER_LEN_BYTES + n > received:
+            return
+        head = prefix + f.read(n)
+    try:
+        got = parse_header(head, file_size=None)
+    except ModelFormatError as exc:
+        raise UpdateRejected(f"update is not a valid model file: {exc}", field="header") from None
+    check_same_layout(got, expected)
 
 
 def check_update(path: Path, expected: Layout, segment_bytes: int) -> None:
