@@ -19,7 +19,9 @@ e.g. ``r"PUT /v1/tasks/\\S+/upload/"``; ``None`` matches everything), ``directio
 - ``stall=True``: stop forwarding (sockets stay open) after ``after_bytes`` bytes of
   each matching message, until the rule is removed;
 - ``corrupt_at_byte=N``: flip (xor 0xFF) the body byte at decoded offset N, counted
-  after the HTTP head and excluding chunk framing.
+  after the HTTP head and excluding chunk framing;
+- ``delay_s=D``: hold each matching message D seconds before its first byte goes on
+  (a remote that is slow to answer, e.g. preparing a large model).
 
 ``limit=K`` makes a cut or a corruption apply to the first K matching messages only
 (corruption defaults to 1). Cuts and corruptions claim a message when its head passes;
@@ -61,7 +63,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 
 HOST = "127.0.0.1"
 READ_BYTES = 64 * 1024
@@ -86,6 +95,7 @@ class Rule(BaseModel):
     stall: bool = False
     after_bytes: NonNegativeInt = 0
     corrupt_at_byte: NonNegativeInt | None = None
+    delay_s: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _one_fault(self) -> Rule:
@@ -94,10 +104,11 @@ class Rule(BaseModel):
             self.throttle_bps is not None,
             self.stall,
             self.corrupt_at_byte is not None,
+            self.delay_s is not None,
         ]
         if sum(faults) != 1:
             raise ValueError(
-                "give exactly one of cut_after_bytes, throttle_bps, stall, corrupt_at_byte"
+                "give exactly one of cut_after_bytes, throttle_bps, stall, corrupt_at_byte, delay_s"
             )
         one_way = self.cut_after_bytes is not None or self.corrupt_at_byte is not None
         if one_way and self.direction == "both":
@@ -543,6 +554,8 @@ class FaultProxy:
                     raise _Cut(f"{direction} {msg.line!r} cut after {msg.sent} bytes")
             if not data:
                 return
+            if msg.sent == 0:
+                await self._delay(direction, msg)
             room = await self._wait_unstalled(direction, msg)
             n = len(data)
             if room is not None:
@@ -569,6 +582,15 @@ class FaultProxy:
             self.bytes[direction] += n
             msg.sent += n
             data = data[n:]
+
+    async def _delay(self, direction: str, msg: Message) -> None:
+        delays = [
+            a for a in self._rules if a.rule.delay_s is not None and a.applies(direction, msg)
+        ]
+        for a in delays:
+            a.fired += 1
+        if delays:
+            await asyncio.sleep(max(a.rule.delay_s or 0.0 for a in delays))
 
     def _corrupt(self, msg: Message, chunk: bytes, body_at: int) -> bytes:
         for a in msg.claimed:

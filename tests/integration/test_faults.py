@@ -157,6 +157,31 @@ def test_slow_transfers_outlast_the_timeouts_without_error(
     assert_exact_model(cluster, job_id, 1, [1])
 
 
+def test_slow_answers_within_communication_timeout_are_no_error(
+    cluster: Cluster, proxy: ProxyProcess
+) -> None:
+    # The server takes 0.7 x communication_timeout to start answering each task, model
+    # range, acknowledgement and commit: the remote is slow (preparing), not dead.
+    timeouts = {**TIMEOUTS, "communication_timeout": 2.0, "streaming_ack_wait": 2.0}
+    slow = 0.7 * timeouts["communication_timeout"]
+    cluster.start_server()
+    proxy.set_faults(
+        *(
+            Rule(match=m, direction="down", delay_s=slow)
+            for m in (r"^GET /v1/clients/\S+/task", GET_MODEL, PUT_SEGMENT, r"/commit ")
+        )
+    )
+    _client(cluster, "site-1", server_url=proxy.url, timeouts=timeouts, transfer={"window": 2})
+    job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    client_log = log_text(cluster, "site-1")
+    assert not re.search(r"WARNING|ERROR|no progress|attempt", client_log), client_log
+    fired = {r["rule"]["match"]: r["fired"] for r in proxy.stats().rules}
+    assert all(n >= 1 for n in fired.values()), fired
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
 def test_stalled_transfers_fail_fast_naming_the_stage_then_resume(
     cluster: Cluster, proxy: ProxyProcess
 ) -> None:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import time
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.cluster import Cluster, small_job
+from tests.cluster import Cluster, assert_exact_model, log_text, small_job, tasks_of
 from tests.expected import expected_after
+from tests.proxy import ProxyProcess, Rule
 
 pytestmark = pytest.mark.integration
+MIB = 1024 * 1024
 
 
 def test_sigterm_stops_server_and_client_with_exit_zero(cluster: Cluster) -> None:
@@ -65,3 +69,66 @@ def test_failing_trainer_fails_job_when_quorum_cannot_be_met(cluster: Cluster) -
     assert status["job"]["state"] == "failed"
     assert "rejected: site-2" in status["job"]["reason"]
     assert "needs 2 updates but only 1 arrived" in status["job"]["reason"]
+
+
+# SIGTERM in the middle of a transfer: the daemon stops cleanly and nothing is lost.
+
+PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
+
+
+def _uploading(cluster: Cluster, job_id: str, site: str) -> bool:
+    tasks = tasks_of(cluster.status(job_id), site, 1)
+    return bool(tasks) and tasks[0]["phase"] == "uploading" and tasks[0]["bytes_done"] > 0
+
+
+def test_client_sigterm_mid_upload_finishes_its_segments_and_resumes(cluster: Cluster) -> None:
+    cluster.start_server()
+    with ProxyProcess.start(cluster.port, cluster.root) as proxy:
+        # 8 MiB of update at 2 MiB/s: about 4 s of upload, segments of 1 MiB
+        proxy.set_faults(Rule(match=PUT_SEGMENT, direction="up", throttle_bps=2 * MIB))
+        settings = {"server_url": proxy.url, "heartbeat_interval_s": 0.3, "transfer": {"window": 2}}
+        client = cluster.start_client("site-1", **settings)
+        job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=8, shape=[512, 512]))
+        cluster.wait_for(lambda: _uploading(cluster, job_id, "site-1"), 30, "site-1 uploading")
+        assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
+        log = log_text(cluster, "site-1")
+        assert re.search(r"task \S+ paused: \d+ segments left for the next start", log), log
+        held = tasks_of(cluster.status(job_id), "site-1", 1)[0]["bytes_done"]
+        assert 0 < held < 8 * MIB
+        # no segment was cut off mid-body by the stop: the server saw none closed early
+        assert "connection closed after" not in log_text(cluster, "server")
+
+        proxy.clear_faults()
+        cluster.start_client("site-1", **settings)
+        status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    assert re.search(r"upload of task \S+ resumes: server holds [1-9]", log_text(cluster, "site-1"))
+    (task,) = tasks_of(status, "site-1", 1)
+    assert task["state"] == "committed"
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
+def test_server_sigterm_mid_upload_exits_zero_and_the_job_goes_on(cluster: Cluster) -> None:
+    cluster.server_extra["shutdown_timeout_s"] = 1.0
+    cluster.start_server()
+    with ProxyProcess.start(cluster.port, cluster.root) as proxy:
+        proxy.set_faults(Rule(match=PUT_SEGMENT, direction="up", throttle_bps=2 * MIB))
+        cluster.start_client(
+            "site-1", server_url=proxy.url, heartbeat_interval_s=0.3, retry_backoff_max_s=0.5
+        )
+        job_id = cluster.submit(small_job(rounds=2, clients=1, tensors=8, shape=[512, 512]))
+        cluster.wait_for(lambda: _uploading(cluster, job_id, "site-1"), 30, "site-1 uploading")
+        assert cluster.server is not None
+        started = time.monotonic()
+        assert cluster.server.stop(signal.SIGTERM, timeout=20) == 0, cluster.server.tail()
+        assert time.monotonic() - started < 10
+        server_log = log_text(cluster, "server")
+        assert "fl-server stopped" in server_log
+        # the segments cut off by the stop were not acknowledged
+        assert re.search(r"connection closed after \d+ of \d+ bytes; not acknowledged", server_log)
+        proxy.clear_faults()
+        cluster.start_server()
+        status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    assert [t["state"] for t in tasks_of(status, "site-1")] == ["committed", "committed"]
+    assert_exact_model(cluster, job_id, 2, [1])
