@@ -37,7 +37,7 @@ from common.tensorfile import (
     plan_layout,
 )
 
-DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 def byte_view(a: npt.NDArray[Any]) -> memoryview:

@@ -20,6 +20,7 @@ from common.wire import (
     TaskState,
 )
 from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
+from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.state import JobRow
 
@@ -122,7 +123,8 @@ async def job_model(request: web.Request) -> web.StreamResponse:
             f"(rounds completed: {job.round_done})",
             field="round",
         )
-    return web.FileResponse(path, chunk_size=1024 * 1024)
+    timeout = request.app[CONFIG].timeouts.communication_timeout
+    return await send_file(request, path, timeout_s=timeout, peer=request.remote or "admin")
 
 
 async def list_clients(request: web.Request) -> web.Response:

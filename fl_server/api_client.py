@@ -43,6 +43,7 @@ from common.wire import (
 )
 from fl_server import verify
 from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
+from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.state import TaskRow
 
@@ -147,9 +148,10 @@ async def task_model(request: web.Request) -> web.StreamResponse:
     """The task's input model as a file: range requests, sent with sendfile where possible."""
     task = await _owned_task(request, writable=False)
     path = request.app[WORKSPACE].model_path(task.job_id, task.round - 1)
-    if not path.exists():
+    if not await asyncio.to_thread(path.exists):
         raise TaskExpired(f"the model of task {task.task_id} is no longer kept")
-    return web.FileResponse(path, chunk_size=1024 * 1024)
+    timeout = request.app[CONFIG].timeouts.communication_timeout
+    return await send_file(request, path, timeout_s=timeout, peer=task.client)
 
 
 async def upload_status(request: web.Request) -> web.Response:

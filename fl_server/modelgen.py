@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from common.config import MIB, FileModel, GeneratedModel
-from common.modelio import DEFAULT_CHUNK_BYTES, ModelWriter, compute_manifest, read_layout
+from common.modelio import ModelWriter, compute_manifest, read_layout
 from common.tensorfile import Manifest, st_dtype
+
+# Small on purpose: the server's memory must not depend on how large a tensor is.
+GENERATE_CHUNK_BYTES = 1024 * 1024
 
 
 def tensor_shape(spec: GeneratedModel) -> tuple[int, ...]:
@@ -26,14 +29,16 @@ def generate(spec: GeneratedModel, path: Path, segment_bytes: int) -> Manifest:
     shape = tensor_shape(spec)
     numel = math.prod(shape)
     tensors = [(f"layer{i:05d}", st_dtype(dtype), shape) for i in range(spec.num_tensors)]
-    step = max(1, DEFAULT_CHUNK_BYTES // dtype.itemsize)
+    step = max(1, GENERATE_CHUNK_BYTES // dtype.itemsize)
+    # numpy draws normals in float32 or float64 only; float16 is drawn in float32
+    draw = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
     with ModelWriter(path, tensors, segment_bytes=segment_bytes) as writer:
         for i in range(spec.num_tensors):
             rng = np.random.default_rng([spec.seed, i])
             for first in range(0, numel, step):
                 n = min(step, numel - first)
                 if spec.init == "normal":
-                    chunk = rng.standard_normal(n, dtype=np.float64).astype(dtype)
+                    chunk = rng.standard_normal(n, dtype=draw).astype(dtype, copy=False)
                 elif spec.init == "zeros":
                     chunk = np.zeros(n, dtype=dtype)
                 else:

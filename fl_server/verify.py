@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UpdateRejected
-from common.errors import ModelFormatError
+from common.errors import ModelFormatError, UpdateRejected
 from common.modelio import byte_view, read_layout
 from common.tensorfile import (
     FLOAT_DTYPES,

@@ -191,6 +191,8 @@ def test_bad_updates_and_requests_change_nothing(cluster: Cluster, tmp_path: Pat
         _refused(a.request("GET", tb["model_url"]), 403, "forbidden")
         _refused(a.request("GET", "/v1/clients/site-b/task"), 403, "forbidden")
         _refused(a.put_segment("0" * 16, i, data, digest), 404, "not_found")
+        beyond = {"Range": f"bytes={man.file_size}-"}
+        _refused(a.request("GET", ta["model_url"], headers=beyond), 416, "range_not_satisfiable")
 
     # --- the good update: every segment, then a commit with the wrong whole digest -----
     assert all(r.status == 200 for r in a.upload(tid, good_a, seg))
