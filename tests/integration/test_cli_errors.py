@@ -1,0 +1,79 @@
+"""The real commands, given a bad file, stop with one message naming the file and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster import REPO, Cluster, small_job
+
+pytestmark = pytest.mark.integration
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def _says(out: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    for w in words:
+        assert w in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "text", "words"),
+    [
+        ("fl_server", "workspace: /tmp/x\nport: 80000\n", ["port", "less than or equal"]),
+        ("fl_server", "workspace: /tmp/x\ncolour: red\n", ["colour", "unknown key"]),
+        (
+            "fl_server",
+            "workspace: /tmp/x\ntimeouts:\n  communication_timeout: -5\n",
+            ["timeouts.communication_timeout", "greater than 0", "-5"],
+        ),
+        (
+            "fl_client",
+            "name: site-1\nserver_url: http://h:1\nworkspace: /tmp/x\nnum_samples: lots\n",
+            ["num_samples", "integer"],
+        ),
+        (
+            "fl_client",
+            "name: site-1\nserver_url: http://h:1\nworkspace: /tmp/x\n"
+            "timeouts:\n  streaming_ack_wait: 0\n",
+            ["timeouts.streaming_ack_wait", "greater than 0"],
+        ),
+        ("fl_client", "name: site-1\nworkspace: /tmp/x\n", ["server_url", "required"]),
+    ],
+)
+def test_daemons_refuse_a_bad_config(
+    tmp_path: Path, module: str, text: str, words: list[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    _says(_run(module, "--config", str(path)), 2, str(path), *words)
+
+
+@pytest.mark.parametrize("module", ["fl_server", "fl_client"])
+def test_daemons_refuse_a_missing_config(tmp_path: Path, module: str) -> None:
+    path = tmp_path / "nowhere.yaml"
+    _says(_run(module, "--config", str(path)), 2, str(path), "file not found")
+
+
+def test_admin_refuses_a_bad_job_file_before_sending_it(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_server()
+    job = tmp_path / "job.yaml"
+    job.write_text("name: j\nnum_rounds: 0\nmin_clients: 1\nmodel: {kind: generated}\n")
+    out = _run("fl_client.admin", "--server", cluster.url, "submit", str(job))
+    _says(out, 2, str(job), "num_rounds", "greater than 0", "model.num_tensors", "required")
+    assert cluster.get("/v1/admin/jobs") == []
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(small_job(rounds=1, clients=1)))
+    out = _run("fl_client.admin", "--server", cluster.url, "submit", str(good))
+    assert out.returncode == 0, out.stderr
+    assert [j["job_id"] for j in cluster.get("/v1/admin/jobs")] == [out.stdout.strip()]
