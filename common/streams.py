@@ -1,4 +1,5 @@
-"""Receiving one segment from the network straight to disk through a bounded hand-over.
+"""Segments between the network and disk: received through a bounded hand-over, sent
+as bounded chunks read off the event loop.
 
 Theory of operation. Network chunks (as aiohttp hands them over, no copy) are gathered
 into a batch of at most ``batch_bytes``; a full batch goes to a worker thread that
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import xxhash
 
@@ -104,3 +106,25 @@ async def receive_segment(
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending)
     return str(hasher.hexdigest())
+
+
+async def file_range_chunks(
+    path: Path, start: int, end: int, chunk_bytes: int, timer: ProgressTimer
+) -> AsyncIterator[bytes]:
+    """Bytes [start, end) of ``path`` in chunks of at most ``chunk_bytes``, read in a thread.
+
+    A fresh ``bytes`` per chunk, on purpose: the transport may keep a reference to it
+    until it is on the wire, so a reused buffer could be overwritten before it is sent.
+    """
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            data = await asyncio.to_thread(os.pread, fd, min(chunk_bytes, end - pos), pos)
+            if not data:
+                raise TransferError(f"{path} ends at byte {pos}, before byte {end}")
+            pos += len(data)
+            timer.progress(len(data))
+            yield data
+    finally:
+        await asyncio.to_thread(os.close, fd)

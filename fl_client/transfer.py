@@ -33,7 +33,7 @@ from common.errors import (
     TransferError,
 )
 from common.modelio import hash_file_segments
-from common.streams import receive_segment
+from common.streams import file_range_chunks, receive_segment
 from common.tensorfile import Manifest
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
@@ -241,23 +241,6 @@ async def download_model(
     await asyncio.to_thread(journal.unlink, True)
 
 
-async def _file_chunks(
-    path: Path, start: int, end: int, chunk: int, timer: ProgressTimer
-) -> AsyncIterator[bytes]:
-    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-    try:
-        pos = start
-        while pos < end:
-            data = await asyncio.to_thread(os.pread, fd, min(chunk, end - pos), pos)
-            if not data:
-                raise TransferError(f"{path} ends at byte {pos}, before the update's end")
-            pos += len(data)
-            timer.progress(len(data))
-            yield data
-    finally:
-        await asyncio.to_thread(os.close, fd)
-
-
 async def upload_update(
     api: Api,
     task_id: str,
@@ -293,7 +276,7 @@ async def upload_update(
         async with ProgressTimer(
             timeouts.communication_timeout, stage=Stage.SENDING, peer=api.base_url, what=what
         ) as timer:
-            body = _file_chunks(path, start, end, settings.io_chunk_bytes, timer)
+            body = file_range_chunks(path, start, end, settings.io_chunk_bytes, timer)
 
             async def then_wait() -> AsyncIterator[bytes]:
                 async for data in body:

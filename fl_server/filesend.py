@@ -31,6 +31,7 @@ from pathlib import Path
 from aiohttp import web
 
 from common.errors import RequestError, TransferTimeout
+from common.streams import file_range_chunks
 from common.timeouts import ProgressTimer, Stage
 
 log = logging.getLogger("fl_server.filesend")
@@ -102,18 +103,8 @@ def _sendfile_loop(
 async def _write_chunks(
     response: web.StreamResponse, path: Path, start: int, end: int, timer: ProgressTimer
 ) -> None:
-    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
-    try:
-        pos = start
-        while pos < end:
-            data = await asyncio.to_thread(os.pread, fd, min(TLS_CHUNK_BYTES, end - pos), pos)
-            if not data:
-                raise ConnectionResetError(f"{path} ends at byte {pos}, before {end}")
-            await response.write(data)
-            pos += len(data)
-            timer.progress(len(data))
-    finally:
-        await asyncio.to_thread(os.close, fd)
+    async for data in file_range_chunks(path, start, end, TLS_CHUNK_BYTES, timer):
+        await response.write(data)
 
 
 async def send_file(
