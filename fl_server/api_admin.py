@@ -21,6 +21,7 @@ from common.wire import (
 )
 from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
 from fl_server.http_util import json_reply, read_json
+from fl_server.metrics import METRICS, MeteredFileResponse
 from fl_server.state import JobRow
 
 
@@ -122,7 +123,7 @@ async def job_model(request: web.Request) -> web.StreamResponse:
             f"(rounds completed: {job.round_done})",
             field="round",
         )
-    return web.FileResponse(path, chunk_size=1024 * 1024)
+    return MeteredFileResponse(path, request.app[METRICS].result_sent, chunk_size=1024 * 1024)
 
 
 async def list_clients(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ import time
 
 from aiohttp import web
 
+from common import logctx
 from common.digest import segment_count, segment_range, whole_digest
 from common.errors import Conflict, Forbidden, IntegrityError, RequestError, TaskExpired
 from common.streams import SegmentTooLong, receive_segment
@@ -37,6 +38,7 @@ from common.wire import (
 from fl_server import verify
 from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
 from fl_server.http_util import caller_identity, json_reply, read_json
+from fl_server.metrics import METRICS, MeteredFileResponse
 from fl_server.state import TaskRow
 
 log = logging.getLogger("fl_server.api")
@@ -49,6 +51,7 @@ async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
     task = await db.run(db.get_task, request.match_info["task_id"])
     if task.client != client:
         raise Forbidden(f"task {task.task_id} belongs to another client, not to {client!r}")
+    logctx.bind(job=task.job_id, round=task.round, client=task.client, task=task.task_id)
     if not writable:
         return task
     if task.state is TaskState.COMMITTED:
@@ -121,6 +124,7 @@ async def get_task(request: web.Request) -> web.Response:
         break
     if row is None:
         return json_reply(TaskReply(task=None, retry_after_s=1.0))
+    logctx.bind(job=row.job_id, round=row.round, task=row.task_id)
     cfg_job = await runner.job_config(row.job_id)
     manifest = await runner.manifest(row.job_id, row.round - 1)
     task = Task(
@@ -142,7 +146,8 @@ async def task_model(request: web.Request) -> web.StreamResponse:
     path = request.app[WORKSPACE].model_path(task.job_id, task.round - 1)
     if not path.exists():
         raise TaskExpired(f"the model of task {task.task_id} is no longer kept")
-    return web.FileResponse(path, chunk_size=1024 * 1024)
+    on_sent = request.app[METRICS].model_segment_sent
+    return MeteredFileResponse(path, on_sent, chunk_size=1024 * 1024)
 
 
 async def upload_status(request: web.Request) -> web.Response:
@@ -198,6 +203,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         raise Conflict(f"segment {index} of task {task.task_id} is already being received")
     busy.add(key)
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
+    started = time.monotonic()
     try:
         fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
         try:
@@ -227,6 +233,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
     finally:
         busy.discard(key)
+    request.app[METRICS].update_segment_received(end - start, time.monotonic() - started)
     now = time.time()
     held = await db.run(db.add_segment, task.task_id, index, digest)
     done_bytes = min(man.file_size, held * man.segment_bytes)
