@@ -124,7 +124,7 @@ async def get_task(request: web.Request) -> web.Response:
         break
     if row is None:
         return json_reply(TaskReply(task=None, retry_after_s=1.0))
-    logctx.bind(job=row.job_id, round=row.round, task=row.task_id)
+    logctx.bind(job=row.job_id, round=row.round, client=row.client, task=row.task_id)
     cfg_job = await runner.job_config(row.job_id)
     manifest = await runner.manifest(row.job_id, row.round - 1)
     task = Task(

@@ -181,7 +181,7 @@ class MeteredFileResponse(web.FileResponse):
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         started = time.monotonic()
         writer = await super().prepare(request)
-        if 200 <= self.status < 300 and self.content_length:
+        if 200 <= self.status < 300 and self.content_length and request.method != "HEAD":
             self._on_sent(self.content_length, time.monotonic() - started)
         return writer
 

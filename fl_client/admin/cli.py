@@ -22,7 +22,7 @@ from rich.console import Console
 
 from common import wire
 from common.config import AdminConfig, JobConfig, load_config, load_yaml, parse_config
-from common.errors import ConfigError, FLError
+from common.errors import ConfigError, FLError, TransferError
 from fl_client.admin import api, render
 from fl_client.admin.progress import JobTracker
 from fl_client.http import Api, make_session
@@ -30,6 +30,7 @@ from fl_client.http import Api, make_session
 PROG = "fl-admin"
 SERVER_URL_ENV = "FL_SERVER_URL"
 DEFAULT_SERVER_URL = "http://127.0.0.1:8470"
+WATCH_RETRY_S = 2.0
 
 Command = Callable[[Api, argparse.Namespace], Awaitable[int]]
 
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="follow a job live: per site phase, bytes, rate, ETA; exit 0 only if it finished",
         description=(
             "Follow a job until it ends: progress bars in a terminal, plain lines otherwise, "
-            "one JSON object per poll with --json. Exit code 0 if the job finished, 1 if it "
-            "failed or was aborted."
+            "one JSON object per poll with --json. An unreachable server (a restart) is "
+            "retried. Exit code 0 if the job finished, 1 if it failed or was aborted."
         ),
     )
     p.add_argument("job_id", metavar="JOB_ID")
@@ -173,6 +174,23 @@ async def cmd_status(a: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _follow(
+    a: Api, job_id: str, show: Callable[[wire.JobStatus], None], poll_s: float
+) -> wire.JobStatus:
+    """Poll until the job ends, riding out a server restart or a network outage.
+
+    A job runs for hours and the server may restart meanwhile (jobs resume on their own):
+    an unreachable server is reported on stderr and asked again, not a reason to stop
+    watching. Refusals (an unknown job id) still end the command.
+    """
+    while True:
+        try:
+            return await api.wait_for_job(a, job_id, show, poll_s=poll_s)
+        except TransferError as err:
+            print(f"{PROG}: {err.message}; retrying in {WATCH_RETRY_S:g} s", file=sys.stderr)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+
 async def cmd_watch(a: Api, args: argparse.Namespace) -> int:
     display = render.make_display(render.choose_mode(args.json, sys.stdout), sys.stdout)
     tracker = JobTracker()
@@ -183,7 +201,7 @@ async def cmd_watch(a: Api, args: argparse.Namespace) -> int:
 
     try:
         async with asyncio.timeout(args.timeout):
-            status = await api.wait_for_job(a, args.job_id, show, poll_s=args.interval)
+            status = await _follow(a, args.job_id, show, args.interval)
     except TimeoutError:
         raise FLError(f"job {args.job_id} has not ended after {args.timeout:g} s") from None
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import REPO, Cluster, small_job
+from tests.cluster import REPO, Cluster, kill, small_job
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +146,28 @@ def test_watch_draws_bars_on_a_terminal(cluster: Cluster) -> None:
     assert f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds" in text
     assert "━" in text and "\x1b[" in text  # drawn bars, in place
     assert "SITE" in text and "RATE" in text and "ETA" in text
+
+
+def test_watch_rides_out_a_server_restart(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_client("site-1", **FAST_SITE)
+    job_id = cluster.submit(small_job(rounds=ROUNDS, clients=2))  # waits for site-2
+    watch = subprocess.Popen(
+        admin(cluster, "watch", job_id, "--interval", "0.1"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        cluster.wait_for(lambda: cluster.status(job_id)["job"]["state"] == "running")
+        kill(cluster, "server")
+        time.sleep(3.0)  # the watch finds no server, and keeps going
+        assert watch.poll() is None
+        cluster.start_server()
+        cluster.start_client("site-2", **FAST_SITE)
+    finally:
+        stdout, stderr = watch.communicate(timeout=120)
+    assert watch.returncode == 0, stdout + stderr + cluster.logs()
+    assert "retrying in 2 s" in stderr
+    assert f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds" in stdout
