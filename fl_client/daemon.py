@@ -178,7 +178,7 @@ class ClientDaemon:
                 await asyncio.sleep(reply.retry_after_s * random.uniform(0.5, 1.0))
                 continue
             task_id = reply.task.task_id
-            ids = logctx.bind(job=reply.task.job_id, round=reply.task.round, task=task_id)
+            bound = logctx.bind(job=reply.task.job_id, round=reply.task.round, task=task_id)
             try:
                 await self._do_task(api, reply.task)
             except Interrupted as exc:
@@ -201,7 +201,7 @@ class ClientDaemon:
                 await asyncio.sleep(self.cfg.retry_backoff_max_s)
             finally:
                 self.progress.idle()
-                logctx.reset(ids)
+                logctx.reset(bound)
 
     async def _give_up(self, api: Api, task_id: str, reason: str) -> None:
         """Tell the server, so the round goes on without this site, and drop the task."""

@@ -65,8 +65,8 @@ class ServerMetrics:
         )
         self.segment_throughput = Histogram(
             "fl_server_segment_throughput_bytes_per_second",
-            "Throughput of one segment: a model range sent (download) or an update "
-            "segment received (upload), from the first byte to the last.",
+            "Throughput of one segment: a model range sent (download), or an update "
+            "segment received and checked (upload).",
             ["direction"],
             buckets=THROUGHPUT_BUCKETS_BPS,
             registry=r,
