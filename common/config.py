@@ -113,6 +113,23 @@ class ClientConfig(_Frozen):
         ),
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    progress_log_s: PositiveFloat = Field(
+        10.0,
+        description=(
+            "Seconds between progress lines (bytes, rate, time left) in the log while a "
+            "model downloads, trains or uploads."
+        ),
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="TCP port serving Prometheus metrics at /metrics; null: no metrics server.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics port binds; 0.0.0.0 to let another host scrape it.",
+    )
 
 
 class AdminConfig(_Frozen):

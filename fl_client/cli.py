@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -15,11 +14,9 @@ from common.logs import setup_logging
 
 
 async def _run(cfg: ClientConfig) -> None:
-    from fl_client.daemon import ClientDaemon, install_stop_handlers
+    from fl_client.service import run_service
 
-    stop = asyncio.Event()
-    install_stop_handlers(stop)
-    await ClientDaemon(cfg).run(stop)
+    await run_service(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

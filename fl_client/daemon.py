@@ -18,6 +18,7 @@ import random
 import shutil
 from pathlib import Path
 
+from common import logctx
 from common.config import ClientConfig
 from common.errors import (
     Conflict,
@@ -31,6 +32,8 @@ from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
 from fl_client.http import Api, make_session
+from fl_client.metrics import ClientMetrics
+from fl_client.progress_log import ProgressLogger
 from fl_client.trainer import TrainContext, TrainerFailed, TrainResult, load_trainer
 from fl_client.transfer import (
     Interrupted,
@@ -52,14 +55,16 @@ class Progress:
     its partial update is discarded (the task resumes by training again).
     """
 
-    def __init__(self, stopping: asyncio.Event) -> None:
+    def __init__(self, stopping: asyncio.Event, logger: ProgressLogger) -> None:
         self.stopping = stopping
+        self.logger = logger
         self.task_id: str | None = None
         self.phase = Phase.IDLE
         self.done = 0
         self.total = 0
 
     def start(self, task_id: str, phase: Phase, total: int) -> None:
+        self.logger.phase(phase, self.done, total)
         self.task_id, self.phase, self.done, self.total = task_id, phase, 0, total
 
     def add(self, nbytes: int) -> None:
@@ -68,6 +73,7 @@ class Progress:
             raise Interrupted("training stopped: the daemon is shutting down")
 
     def idle(self) -> None:
+        self.logger.phase(Phase.IDLE, self.done, 0)
         self.task_id, self.phase, self.done, self.total = None, Phase.IDLE, 0, 0
 
 
@@ -103,12 +109,15 @@ class ClientDaemon:
     def __init__(self, cfg: ClientConfig) -> None:
         self.cfg = cfg
         self.stopping = asyncio.Event()
-        self.progress = Progress(self.stopping)
+        self.progress = Progress(self.stopping, ProgressLogger(cfg.progress_log_s))
+        self.metrics = ClientMetrics(self.progress)
+        self.registered = asyncio.Event()  # set once the server has answered a heartbeat
         self.tasks_dir = cfg.workspace / "tasks"
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop``; then finish the segments in flight (bounded) and return."""
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        logctx.bind(client=self.cfg.name)
         async with make_session(
             identity=self.cfg.name, connections=self.cfg.transfer.window + 4
         ) as session:
@@ -117,6 +126,7 @@ class ClientDaemon:
             async with asyncio.TaskGroup() as tg:
                 beat = tg.create_task(self._heartbeats(api))
                 work = tg.create_task(self._work_loop(api))
+                ticker = tg.create_task(self.progress.logger.run(self.progress))
                 await stop.wait()
                 log.info("fl-client %s stopping: finishing segments in flight", self.cfg.name)
                 self.stopping.set()
@@ -130,6 +140,7 @@ class ClientDaemon:
                     )
                 work.cancel()
                 beat.cancel()
+                ticker.cancel()
             log.info("fl-client %s stopped", self.cfg.name)
 
     async def _heartbeats(self, api: Api) -> None:
@@ -138,6 +149,7 @@ class ClientDaemon:
             hb = Heartbeat(task_id=p.task_id, phase=p.phase, bytes_done=p.done, bytes_total=p.total)
             try:
                 await api.call("POST", HEARTBEAT.format(client=self.cfg.name), None, body=hb)
+                self.registered.set()
             except FLError as err:
                 log.debug("heartbeat failed: %s", err.message)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
@@ -166,6 +178,7 @@ class ClientDaemon:
                 await asyncio.sleep(reply.retry_after_s * random.uniform(0.5, 1.0))
                 continue
             task_id = reply.task.task_id
+            bound = logctx.bind(job=reply.task.job_id, round=reply.task.round, task=task_id)
             try:
                 await self._do_task(api, reply.task)
             except Interrupted as exc:
@@ -188,6 +201,7 @@ class ClientDaemon:
                 await asyncio.sleep(self.cfg.retry_backoff_max_s)
             finally:
                 self.progress.idle()
+                logctx.reset(bound)
 
     async def _give_up(self, api: Api, task_id: str, reason: str) -> None:
         """Tell the server, so the round goes on without this site, and drop the task."""
@@ -221,7 +235,14 @@ class ClientDaemon:
         else:
             self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
             await download_model(
-                api, task.model_url, man, model, self.cfg.transfer, self.progress.add, self.stopping
+                api,
+                task.model_url,
+                man,
+                model,
+                self.cfg.transfer,
+                self.progress.add,
+                self.stopping,
+                self.metrics,
             )
             log.info("%s: model downloaded and verified", ids)
             self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
@@ -252,8 +273,10 @@ class ClientDaemon:
             self.cfg.transfer,
             self.progress.add,
             self.stopping,
+            self.metrics,
         )
         await commit_update(api, task.task_id, update_man, result.num_samples, result.metrics)
+        self.metrics.update_committed()
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, update_man.file_size)
         await asyncio.to_thread(shutil.rmtree, tdir, True)

@@ -46,7 +46,8 @@ from common.config import (
 from common.errors import FLError
 from common.modelio import ModelReader
 from common.tensorfile import element_window
-from fl_client.admin import api
+from fl_client.admin import api, render
+from fl_client.admin.progress import JobTracker
 from fl_client.http import Api, make_session
 
 PROG = "fl-poc"
@@ -228,12 +229,13 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, procs: Processe
 
 
 class Watch:
-    """Progress lines, a liveness check of every daemon, and the latest status seen."""
+    """Progress (as ``fl-admin watch`` shows it), a liveness check, the latest status."""
 
-    def __init__(self, procs: Processes) -> None:
+    def __init__(self, procs: Processes, display: render.Display) -> None:
         self.procs = procs
         self.last: wire.JobStatus | None = None
-        self._progress = api.RoundProgress()
+        self._tracker = JobTracker()
+        self._display = display
 
     def describe(self) -> str:
         if self.last is None:
@@ -243,7 +245,8 @@ class Watch:
 
     def __call__(self, status: wire.JobStatus) -> None:
         self.last = status
-        self._progress(status)
+        now = time.monotonic()
+        self._display.update(self._tracker.update(status, now), now)
         self.procs.check_alive()
 
 
@@ -307,12 +310,15 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
     procs.start("server", "fl_server", server_config)
     async with make_session(identity=None) as session:
         a = Api(session, admin.server_url, admin.timeouts)
-        watch = Watch(procs)
+        display = render.make_display(render.choose_mode(False, sys.stdout), sys.stdout)
+        watch = Watch(procs, display)
         try:
             async with asyncio.timeout(args.timeout):
                 status = await run_job(a, job, watch, client_configs)
         except TimeoutError:
             raise PocFailure(f"not done after {args.timeout:g} s: {watch.describe()}") from None
+        finally:
+            display.close()
         info = status.job
         if info.state != wire.JobState.FINISHED:
             raise PocFailure(f"job {info.state}: {info.reason or 'no reason given'}")

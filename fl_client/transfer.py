@@ -14,8 +14,10 @@ window. A digest mismatch re-sends the segment; repeated failures fail the trans
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -49,6 +51,7 @@ from common.wire import (
     UploadStatus,
 )
 from fl_client.http import Api, raise_for_error
+from fl_client.metrics import ClientMetrics, Direction
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]
@@ -62,7 +65,12 @@ def _retryable(err: FLError) -> bool:
     return isinstance(err, SegmentBusy)
 
 
-async def _with_retries(what: str, attempts: int, op: Callable[[], Awaitable[None]]) -> None:
+async def _with_retries(
+    what: str,
+    attempts: int,
+    op: Callable[[], Awaitable[None]],
+    on_retry: Callable[[], None] | None = None,
+) -> None:
     for attempt in range(1, attempts + 1):
         try:
             await op()
@@ -75,7 +83,15 @@ async def _with_retries(what: str, attempts: int, op: Callable[[], Awaitable[Non
                     ) from err
                 raise
             log.warning("%s: attempt %d failed (%s); retrying", what, attempt, err.message)
+            if on_retry is not None:
+                on_retry()
             await asyncio.sleep(RETRY_PAUSE_S * attempt)
+
+
+def _retry_counter(
+    metrics: ClientMetrics | None, direction: Direction
+) -> Callable[[], None] | None:
+    return None if metrics is None else functools.partial(metrics.segment_retried, direction)
 
 
 class Interrupted(Exception):
@@ -162,6 +178,7 @@ async def download_model(
     settings: TransferSettings,
     progress: Progress,
     stopping: asyncio.Event,
+    metrics: ClientMetrics | None = None,
 ) -> None:
     """Fetch the model into ``dest`` (resuming a previous partial download)."""
     if await asyncio.to_thread(dest.exists):
@@ -192,6 +209,7 @@ async def download_model(
     async def fetch(index: int) -> None:
         start, end = segment_range(index, man.file_size, man.segment_bytes)
         what = f"download of segment {index} of {dest.name}"
+        started = time.monotonic()
         async with ProgressTimer(
             timeouts.communication_timeout, stage=Stage.WAITING, peer=api.base_url, what=what
         ) as timer:
@@ -224,6 +242,8 @@ async def download_model(
             )
         async with journal_lock:
             await asyncio.to_thread(_journal_append, journal, index, digest)
+        if metrics is not None:
+            metrics.segment_moved(Direction.DOWNLOAD, end - start, time.monotonic() - started)
         progress(end - start)
 
     try:
@@ -231,7 +251,10 @@ async def download_model(
             todo,
             settings.window,
             lambda i: _with_retries(
-                f"segment {i} of {dest.name}", settings.max_segment_attempts, lambda: fetch(i)
+                f"segment {i} of {dest.name}",
+                settings.max_segment_attempts,
+                lambda: fetch(i),
+                _retry_counter(metrics, Direction.DOWNLOAD),
             ),
             stopping,
         )
@@ -249,6 +272,7 @@ async def upload_update(
     settings: TransferSettings,
     progress: Progress,
     stopping: asyncio.Event,
+    metrics: ClientMetrics | None = None,
 ) -> UploadStatus:
     """Send the update's segments the server does not hold yet; return the final status."""
     status = await api.call("GET", UPLOAD_STATUS.format(task_id=task_id), UploadStatus)
@@ -273,6 +297,7 @@ async def upload_update(
     async def send(index: int) -> None:
         start, end = segment_range(index, man.file_size, man.segment_bytes)
         what = f"upload of segment {index} of task {task_id}"
+        started = time.monotonic()
         async with ProgressTimer(
             timeouts.communication_timeout, stage=Stage.SENDING, peer=api.base_url, what=what
         ) as timer:
@@ -299,13 +324,18 @@ async def upload_update(
                 f"{what}: server acknowledged {ack}, expected {start}-{end} "
                 f"with digest {man.segment_digests[index]}"
             )
+        if metrics is not None:
+            metrics.segment_moved(Direction.UPLOAD, end - start, time.monotonic() - started)
         progress(end - start)
 
     await _run_window(
         todo,
         settings.window,
         lambda i: _with_retries(
-            f"segment {i} of task {task_id}", settings.max_segment_attempts, lambda: send(i)
+            f"segment {i} of task {task_id}",
+            settings.max_segment_attempts,
+            lambda: send(i),
+            _retry_counter(metrics, Direction.UPLOAD),
         ),
         stopping,
     )

@@ -22,6 +22,7 @@ from common.wire import (
 from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
+from fl_server.metrics import METRICS
 from fl_server.state import JobRow
 
 
@@ -124,7 +125,13 @@ async def job_model(request: web.Request) -> web.StreamResponse:
             field="round",
         )
     timeout = request.app[CONFIG].timeouts.communication_timeout
-    return await send_file(request, path, timeout_s=timeout, peer=request.remote or "admin")
+    return await send_file(
+        request,
+        path,
+        timeout_s=timeout,
+        peer=request.remote or "admin",
+        on_sent=request.app[METRICS].result_sent,
+    )
 
 
 async def list_clients(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ import time
 
 from aiohttp import web
 
+from common import logctx
 from common.digest import segment_count, segment_range, whole_digest
 from common.errors import (
     Conflict,
@@ -45,6 +46,7 @@ from fl_server import verify
 from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
 from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
+from fl_server.metrics import METRICS
 from fl_server.state import TaskRow
 
 log = logging.getLogger("fl_server.api")
@@ -57,6 +59,7 @@ async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
     task = await db.run(db.get_task, request.match_info["task_id"])
     if task.client != client:
         raise Forbidden(f"task {task.task_id} belongs to another client, not to {client!r}")
+    logctx.bind(job=task.job_id, round=task.round, client=task.client, task=task.task_id)
     if not writable:
         return task
     if task.state is TaskState.COMMITTED:
@@ -129,6 +132,7 @@ async def get_task(request: web.Request) -> web.Response:
         break
     if row is None:
         return json_reply(TaskReply(task=None, retry_after_s=1.0))
+    logctx.bind(job=row.job_id, round=row.round, client=row.client, task=row.task_id)
     cfg_job = await runner.job_config(row.job_id)
     manifest = await runner.manifest(row.job_id, row.round - 1)
     task = Task(
@@ -151,7 +155,8 @@ async def task_model(request: web.Request) -> web.StreamResponse:
     if not await asyncio.to_thread(path.exists):
         raise TaskExpired(f"the model of task {task.task_id} is no longer kept")
     timeout = request.app[CONFIG].timeouts.communication_timeout
-    return await send_file(request, path, timeout_s=timeout, peer=task.client)
+    on_sent = request.app[METRICS].model_segment_sent
+    return await send_file(request, path, timeout_s=timeout, peer=task.client, on_sent=on_sent)
 
 
 async def upload_status(request: web.Request) -> web.Response:
@@ -207,6 +212,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         raise SegmentBusy(f"segment {index} of task {task.task_id} is already being received")
     busy.add(key)
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
+    started = time.monotonic()
     try:
         fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
         timer = ProgressTimer(
@@ -251,6 +257,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
     finally:
         busy.discard(key)
+    request.app[METRICS].update_segment_received(end - start, time.monotonic() - started)
     now = time.time()
     held = await db.run(db.add_segment, task.task_id, index, digest)
     done_bytes = min(man.file_size, held * man.segment_bytes)

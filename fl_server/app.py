@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from common import wire
+from common import sdnotify, wire
 from common.config import ServerConfig
-from fl_server import api_admin, api_client
+from fl_server import api_admin, api_client, metrics
 from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
 from fl_server.http_util import error_middleware
 from fl_server.runner import JobRunner
@@ -56,6 +56,7 @@ def build_app(cfg: ServerConfig) -> web.Application:
     r.add_post(wire.JOB_ABORT, api_admin.abort_job)
     r.add_get(wire.JOB_MODEL, api_admin.job_model)
     r.add_get(wire.CLIENTS, api_admin.list_clients)
+    metrics.install(app, cfg, db)
     app.cleanup_ctx.append(_run_jobs)
     return app
 
@@ -79,13 +80,19 @@ async def serve(cfg: ServerConfig) -> None:
     await site.start()
     addrs = [f"{a[0]}:{a[1]}" for a in (runner.addresses or [])]
     log.info("fl-server listening on %s (workspace %s)", ", ".join(addrs), cfg.workspace)
+    notifier = sdnotify.Notifier.from_environ()
+    notifier.ready(f"listening on {', '.join(addrs)}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("fl-server stopping: finishing in-flight requests")
-    finally:
-        await runner.cleanup()
-        log.info("fl-server stopped")
+    # pings go on while in-flight requests finish: a drain is not a hang
+    async with sdnotify.watchdog(notifier):
+        try:
+            await stop.wait()
+            notifier.stopping("stopping: finishing in-flight requests")
+            log.info("fl-server stopping: finishing in-flight requests")
+        finally:
+            await runner.cleanup()
+            log.info("fl-server stopped")
+            notifier.close()

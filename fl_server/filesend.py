@@ -25,6 +25,7 @@ import os
 import re
 import select
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,13 +114,15 @@ async def send_file(
     *,
     timeout_s: float | None,
     peer: str,
-    on_sent: Callable[[int], None] | None = None,
+    on_sent: Callable[[int, float], None] | None = None,
 ) -> web.StreamResponse:
     """Answer ``request`` with ``path`` (honouring one ``Range``), zero-copy where possible.
 
     ``timeout_s`` is the sending stage of ``communication_timeout``: a peer that takes
     nothing for that long is dropped, with a ``TransferTimeout`` naming it.
+    ``on_sent(nbytes, seconds)`` is called once the whole range is out, for metrics.
     """
+    started = time.monotonic()
     size = (await asyncio.to_thread(path.stat)).st_size
     wanted = parse_range(request.headers.get("Range"), size)
     start, end = wanted if wanted is not None else (0, size)
@@ -140,12 +143,6 @@ async def send_file(
     timer = ProgressTimer(timeout_s, stage=Stage.SENDING, peer=peer, what=f"sending {what}")
     try:
         async with timer:
-
-            def sent(n: int) -> None:
-                timer.progress(n)
-                if on_sent is not None:
-                    on_sent(n)
-
             if sock is None or secure:
                 await _write_chunks(response, path, start, end, timer)
             else:
@@ -158,7 +155,9 @@ async def send_file(
                     await asyncio.sleep(0.001)
                 stop = threading.Event()
                 job = asyncio.ensure_future(
-                    asyncio.to_thread(_sendfile_loop, sock.fileno(), path, start, end, sent, stop)
+                    asyncio.to_thread(
+                        _sendfile_loop, sock.fileno(), path, start, end, timer.progress, stop
+                    )
                 )
                 try:
                     await asyncio.shield(job)
@@ -179,4 +178,6 @@ async def send_file(
             transport.close()
         return response
     await response.write_eof()
+    if on_sent is not None:
+        on_sent(end - start, time.monotonic() - started)
     return response

@@ -15,6 +15,7 @@ import shutil
 import time
 import uuid
 
+from common import logctx
 from common.config import JobConfig, ServerConfig
 from common.errors import Conflict, FLError
 from common.tensorfile import Layout, Manifest
@@ -115,7 +116,15 @@ class JobRunner:
                     continue
                 task_id = uuid.uuid4().hex[:16]
                 await self.db.run(self.db.create_task, task_id, job.job_id, r, client, time.time())
-                log.info("job %s round %d: task %s issued to %s", job.job_id, r, task_id, client)
+                ids = logctx.ids(job=job.job_id, round=r, client=client, task=task_id)
+                log.info(
+                    "job %s round %d: task %s issued to %s",
+                    job.job_id,
+                    r,
+                    task_id,
+                    client,
+                    extra=ids,
+                )
                 return await self.db.run(self.db.get_task, task_id)
         return None
 
@@ -141,6 +150,7 @@ class JobRunner:
 
     async def _run_job(self, job_id: str) -> None:
         self._wake[job_id] = asyncio.Event()
+        logctx.bind(job=job_id)  # this job's own task: every line it logs names the job
         try:
             await self._drive_job(job_id)
         except FLError as err:
@@ -255,6 +265,7 @@ class JobRunner:
                 p.unlink()
 
     async def _drive_round(self, job_id: str, cfg: JobConfig, rnd: int) -> None:
+        logctx.bind(round=rnd)
         tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
         await asyncio.to_thread(self._clean_round_dir, job_id, rnd, tasks)
         layout = (await self.manifest(job_id, rnd - 1)).layout
@@ -289,7 +300,8 @@ class JobRunner:
                     self.db.expire_tasks, list(decision.expire), "no result within train_timeout"
                 )
                 for tid in decision.expire:
-                    log.warning("job %s round %d: task %s expired", job_id, rnd, tid)
+                    ids = logctx.ids(task=tid)
+                    log.warning("job %s round %d: task %s expired", job_id, rnd, tid, extra=ids)
             if decision.action is Action.CLOSE:
                 await self._close(job_id, rnd, layout, tasks)
                 return
@@ -351,6 +363,7 @@ class JobRunner:
             task.task_id,
             weight,
             time.monotonic() - started,
+            extra=logctx.ids(client=task.client, task=task.task_id),
         )
 
     @property

@@ -112,7 +112,9 @@ class Cluster:
         path.write_text(yaml.safe_dump(data))
         return path
 
-    def start_server(self, wait: bool = True) -> Proc:
+    def start_server(
+        self, wait: bool = True, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> Proc:
         cfg = {
             "host": "127.0.0.1",
             "port": self.port,
@@ -123,8 +125,9 @@ class Cluster:
         path = self.write_yaml("server.yaml", cfg)
         self.server = spawn(
             "server",
-            ["-m", "fl_server", "--config", str(path)],
+            ["-m", "fl_server", "--config", str(path), *args],
             self.root / "server.log",
+            env=env,
             cgroup_procs=self.cgroup_procs,
         )
         if wait:
@@ -144,7 +147,15 @@ class Cluster:
                 time.sleep(0.1)
         raise RuntimeError("server did not become healthy")
 
-    def start_client(self, name: str, num_samples: int = 1, **extra: Any) -> Proc:
+    def start_client(
+        self,
+        name: str,
+        num_samples: int = 1,
+        *,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> Proc:
         cfg = {
             "name": name,
             "server_url": self.url,
@@ -155,8 +166,9 @@ class Cluster:
         path = self.write_yaml(f"{name}.yaml", cfg)
         proc = spawn(
             name,
-            ["-m", "fl_client", "--config", str(path)],
+            ["-m", "fl_client", "--config", str(path), *args],
             self.root / f"{name}.log",
+            env=env,
             cgroup_procs=self.cgroup_procs,
         )
         self.clients[name] = proc

@@ -74,7 +74,11 @@ async def list_clients(api: Api) -> ClientList:
 
 
 async def wait_for_job(
-    api: Api, job_id: str, on_status: Callable[[wire.JobStatus], None]
+    api: Api,
+    job_id: str,
+    on_status: Callable[[wire.JobStatus], None],
+    *,
+    poll_s: float = POLL_S,
 ) -> wire.JobStatus:
     """Poll until the job ends; the caller bounds the wait with ``asyncio.timeout``.
 
@@ -86,7 +90,7 @@ async def wait_for_job(
         on_status(status)
         if status.job.state in TERMINAL_STATES:
             return status
-        await asyncio.sleep(POLL_S)
+        await asyncio.sleep(poll_s)
 
 
 class RoundProgress:

@@ -2,7 +2,8 @@
 
 Every failure the project can explain is an ``FLError``; it is printed as one
 ``fl-admin: <message>`` on stderr with exit code 1 (2 for an invalid configuration),
-never as a traceback. ``--json`` prints the server's replies as JSON for scripts.
+never as a traceback. ``--json`` prints the server's replies as JSON for scripts
+(``watch --json``: one JSON object per poll, one per line).
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel
+from rich.console import Console
 
 from common import wire
 from common.config import AdminConfig, JobConfig, load_config, load_yaml, parse_config
-from common.errors import ConfigError, FLError
-from fl_client.admin import api
+from common.errors import ConfigError, FLError, TransferError
+from fl_client.admin import api, render
+from fl_client.admin.progress import JobTracker
 from fl_client.http import Api, make_session
 
 PROG = "fl-admin"
 SERVER_URL_ENV = "FL_SERVER_URL"
 DEFAULT_SERVER_URL = "http://127.0.0.1:8470"
+WATCH_RETRY_S = 2.0
 
 Command = Callable[[Api, argparse.Namespace], Awaitable[int]]
 
@@ -48,8 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a job file")
     p.add_argument("job_file", metavar="JOB.yaml", type=Path)
     sub.add_parser("list", help="list jobs")
-    p = sub.add_parser("status", help="show a job's rounds and tasks")
+    p = sub.add_parser("status", help="show a job's rounds and each site's progress")
     p.add_argument("job_id", metavar="JOB_ID")
+    p = sub.add_parser(
+        "watch",
+        help="follow a job live: per site phase, bytes, rate, ETA; exit 0 only if it finished",
+        description=(
+            "Follow a job until it ends: progress bars in a terminal, plain lines otherwise, "
+            "one JSON object per poll with --json. An unreachable server (a restart) is "
+            "retried. Exit code 0 if the job finished, 1 if it failed or was aborted."
+        ),
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between polls")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     p = sub.add_parser("abort", help="abort a job")
     p.add_argument("job_id", metavar="JOB_ID")
     p = sub.add_parser("download", help="download a job's global model")
@@ -112,17 +128,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def progress(done: int, total: int) -> str:
-    if total <= 0:
-        return "-"
-    return f"{size(done)} / {size(total)} ({100 * done // total}%)"
-
-
-def task_row(t: wire.TaskInfo) -> list[str]:
-    bytes_moved = progress(t.bytes_done, t.bytes_total)
-    return [t.client, str(t.round), t.state, t.phase, bytes_moved, t.reason or ""]
-
-
 def job_row(j: wire.JobInfo) -> list[str]:
     rounds = f"{j.round}/{j.num_rounds}"
     return [j.job_id, j.name, j.state, rounds, size(j.model_bytes), clock(j.updated_at)]
@@ -131,19 +136,6 @@ def job_row(j: wire.JobInfo) -> list[str]:
 def client_row(c: wire.ClientInfo) -> list[str]:
     seen = f"{c.seconds_since_seen:.1f} s ago"
     return [c.name, "yes" if c.alive else "no", c.phase, c.task_id or "-", seen]
-
-
-def format_status(status: wire.JobStatus) -> str:
-    job = status.job
-    lines = [
-        f"job {job.job_id} ({job.name}): {job.state}, round {job.round}/{job.num_rounds}",
-    ]
-    if job.reason:
-        lines.append(f"reason: {job.reason}")
-    if status.tasks:
-        rows = [task_row(t) for t in status.tasks]
-        lines.append(table(["CLIENT", "ROUND", "STATE", "PHASE", "BYTES", "REASON"], rows))
-    return "\n".join(lines)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -173,8 +165,52 @@ async def cmd_status(a: Api, args: argparse.Namespace) -> int:
     status = await api.job_status(a, args.job_id)
     if args.json:
         print_json(status)
+        return 0
+    progress = JobTracker().update(status, time.monotonic())
+    if sys.stdout.isatty():
+        Console().print(render.status_view(status, progress, time.time()))
     else:
-        print(format_status(status))
+        print(render.status_text(status, progress, time.time()))
+    return 0
+
+
+async def _follow(
+    a: Api, job_id: str, show: Callable[[wire.JobStatus], None], poll_s: float
+) -> wire.JobStatus:
+    """Poll until the job ends, riding out a server restart or a network outage.
+
+    A job runs for hours and the server may restart meanwhile (jobs resume on their own):
+    an unreachable server is reported on stderr and asked again, not a reason to stop
+    watching. Refusals (an unknown job id) still end the command.
+    """
+    while True:
+        try:
+            return await api.wait_for_job(a, job_id, show, poll_s=poll_s)
+        except TransferError as err:
+            print(f"{PROG}: {err.message}; retrying in {WATCH_RETRY_S:g} s", file=sys.stderr)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+
+async def cmd_watch(a: Api, args: argparse.Namespace) -> int:
+    display = render.make_display(render.choose_mode(args.json, sys.stdout), sys.stdout)
+    tracker = JobTracker()
+
+    def show(status: wire.JobStatus) -> None:
+        now = time.monotonic()
+        display.update(tracker.update(status, now), now)
+
+    try:
+        async with asyncio.timeout(args.timeout):
+            status = await _follow(a, args.job_id, show, args.interval)
+    except TimeoutError:
+        raise FLError(f"job {args.job_id} has not ended after {args.timeout:g} s") from None
+    finally:
+        display.close()
+    job = status.job
+    if job.state != wire.JobState.FINISHED:
+        reason = job.reason or "no reason given"
+        print(f"{PROG}: job {job.job_id} {job.state}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -234,6 +270,7 @@ COMMANDS: dict[str, Command] = {
     "abort": cmd_abort,
     "download": cmd_download,
     "wait": cmd_wait,
+    "watch": cmd_watch,
     "clients": cmd_clients,
 }
 

@@ -1,0 +1,95 @@
+"""The systemd units: what they must say, and ``systemd-analyze verify`` where it exists."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import ClientConfig, ServerConfig
+from tests.deploy.units import DEPLOY, console_scripts, parse_unit
+
+UNITS = DEPLOY / "systemd"
+INSTALLED_BIN = "/opt/fl-stream/venv/bin/"
+SERVER = UNITS / "fl-server.service"
+CLIENT = UNITS / "fl-client@.service"
+HARDENING = {
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "PrivateTmp": "yes",
+    "ProtectHome": "yes",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",  # AF_UNIX: NOTIFY_SOCKET
+}
+
+
+def seconds(value: str) -> float:
+    units = {"s": 1, "min": 60, "h": 3600}
+    for suffix, factor in units.items():
+        if value.endswith(suffix) and value[: -len(suffix)].isdigit():
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+@pytest.mark.parametrize(
+    ("path", "script", "config_model"),
+    [(SERVER, "fl-server", ServerConfig), (CLIENT, "fl-client", ClientConfig)],
+)
+def test_unit_contents(path: Path, script: str, config_model: type) -> None:
+    unit = parse_unit(path)
+    svc = {k: v[-1] for k, v in unit["Service"].items()}
+    assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
+    assert svc["Restart"] == "on-failure"
+    assert svc["User"] == "fl" and svc["Group"] == "fl"
+    for key, value in HARDENING.items():
+        assert svc[key] == value, key
+    assert svc["MemoryMax"] and int(svc["LimitNOFILE"]) >= 65536
+    assert seconds(svc["WatchdogSec"]) >= 10
+    # SIGTERM drains for shutdown_timeout_s; systemd must wait longer than that
+    drain_s = config_model.model_fields["shutdown_timeout_s"].default
+    assert seconds(svc["TimeoutStopSec"]) > drain_s
+    # the workspace is the one writable path, and it is the service's state directory
+    assert svc["ReadWritePaths"] == "/var/lib/" + svc["StateDirectory"]
+    argv = shlex.split(svc["ExecStart"])
+    assert argv[0] == INSTALLED_BIN + script
+    assert script in console_scripts()
+    assert argv[argv.index("--config") + 1].startswith("/etc/fl/")
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_client_unit_is_a_template_per_site() -> None:
+    svc = {k: v[-1] for k, v in parse_unit(CLIENT)["Service"].items()}
+    assert "/etc/fl/client-%i.yaml" in svc["ExecStart"]
+    assert svc["WorkingDirectory"] == "/var/lib/fl/%i"
+    assert svc["StateDirectory"] == "fl/%i"
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed here (it comes with systemd)")
+    bin_dir = Path(sys.executable).parent
+    for script in ("fl-server", "fl-client"):
+        if not (bin_dir / script).exists():
+            pytest.fail(f"{bin_dir / script} missing: install the project (pip install -e .)")
+    # verify checks that ExecStart exists: point it at this environment's scripts
+    for unit in (SERVER, CLIENT):
+        text = unit.read_text().replace(INSTALLED_BIN, f"{bin_dir}/")
+        (tmp_path / unit.name).write_text(text)
+    for name in ("fl-server.service", "fl-client@site-1.service"):
+        out = subprocess.run(
+            [tool, "verify", str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        # unknown keys and bad values are only warnings: any line about our units fails
+        ours = [
+            line
+            for line in (out.stdout + out.stderr).splitlines()
+            if "fl-server" in line or "fl-client" in line
+        ]
+        assert out.returncode == 0 and not ours, out.stdout + out.stderr
