@@ -169,6 +169,11 @@ def issue_for(
 # --- reading certificates back --------------------------------------------------------
 
 
+def projects_of(cert: x509.Certificate) -> list[str]:
+    """The O= values of a certificate's subject: the project(s) it belongs to."""
+    return [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
+
+
 def holder_of(cert: x509.Certificate) -> Holder | None:
     """The holder a certificate names, or None if it does not look like one of ours."""
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
