@@ -43,10 +43,22 @@ _REASONS = {
 }
 
 
+# X509 verify codes (ssl.SSLCertVerificationError.verify_code) -> what they mean here.
+_NOT_OURS = "not issued by this project's CA"
+_VERIFY_HINTS = {
+    18: _NOT_OURS,  # self-signed certificate
+    19: _NOT_OURS,  # self-signed certificate in certificate chain
+    20: _NOT_OURS,  # unable to get local issuer certificate
+    21: _NOT_OURS,  # unable to verify the first certificate
+    26: "a certificate for the other end of a connection: wrong role",  # unsuitable purpose
+}
+
+
 def describe_handshake_failure(exc: BaseException) -> str:
     """One line on why a TLS handshake failed, for either side of it."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
+        hint = _VERIFY_HINTS.get(exc.verify_code)
+        return f"certificate verify failed: {exc.verify_message}" + (f" ({hint})" if hint else "")
     if isinstance(exc, ssl.SSLError):
         reason = str(exc.reason or "")
         if reason in _REASONS:
@@ -55,7 +67,10 @@ def describe_handshake_failure(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | ConnectionAbortedError) and "handshake" in str(exc):
         return "the handshake did not complete in time"
     if isinstance(exc, ConnectionError | EOFError):
-        return "the peer closed the connection during the handshake"
+        return (
+            "the peer closed the connection during the handshake (it may have refused "
+            "this side's certificate)"
+        )
     return str(exc) or type(exc).__name__
 
 
