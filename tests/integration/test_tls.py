@@ -167,6 +167,8 @@ def test_provisioned_sites_run_a_job_over_mutual_tls_exactly(tls_cluster: Cluste
     for site in ("site-1", "site-2"):
         assert f"server https://127.0.0.1:{c.port}" in log_text(c, site)
         assert not re.search(r"WARNING|ERROR", log_text(c, site)), log_text(c, site)
+    for site in ("site-1", "site-2"):
+        assert c.clients[site].stop() == 0
     # the same port speaks nothing but TLS
     conn = http.client.HTTPConnection("127.0.0.1", c.port, timeout=10)
     try:
@@ -177,6 +179,8 @@ def test_provisioned_sites_run_a_job_over_mutual_tls_exactly(tls_cluster: Cluste
         )
     finally:
         conn.close()
+    assert c.server is not None and c.server.stop() == 0, c.server.tail()
+    assert "fl-server stopped" in log_text(c, "server")
 
 
 # --- refused callers --------------------------------------------------------------------
