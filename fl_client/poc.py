@@ -186,7 +186,6 @@ def provision_project(workspace: Path, port: int) -> Path:
             "server": {"host_name": "127.0.0.1", "port": port, "bind": "127.0.0.1"},
             "clients": [{"name": s} for s in SITES],
             "admins": [{"name": ADMIN}],
-            "validity": {"ca_days": 2, "cert_days": 1},
         }
     )
     pki = workspace / "pki"

@@ -4,9 +4,9 @@ Theory of operation. ``GatedSite`` binds the listening sockets itself and accept
 one task per socket; every accepted connection goes through the ``Gate``:
 
 1. Counting. Open connections are those being set up (accepted, handshake under way)
-   plus the connections of the two aiohttp servers below. At
-   ``limits.max_connections`` a new connection is still accepted but handed to the
-   *busy* server, whose only answer is 503 ``server_busy`` and a closed connection:
+   plus the connections of the application's aiohttp server and of the gate's own
+   *busy* server. At ``limits.max_connections`` a new connection is still accepted but
+   handed to the busy server, whose only answer is 503 ``server_busy`` and a close:
    the caller gets a clear error instead of a reset, and a flood cannot exhaust file
    descriptors or memory.
 2. Set-up. ``loop.connect_accepted_socket`` makes the transport, with TLS under the
@@ -28,6 +28,7 @@ import asyncio
 import logging
 import socket
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -53,14 +54,13 @@ class Gate:
     def __init__(
         self,
         main: web.Server,
-        busy: web.Server,
         *,
         max_connections: int,
         contexts: ContextPool | None,
         handshake_timeout_s: float,
     ) -> None:
         self._main = main
-        self._busy = busy
+        self._busy = web.Server(self._answer_busy)
         self._max_connections = max_connections
         self._contexts = contexts
         self._handshake_timeout_s = handshake_timeout_s
@@ -82,6 +82,15 @@ class Gate:
             refused_busy=self._refused_busy,
             handshakes_failed=self._handshakes_failed,
         )
+
+    async def _answer_busy(self, request: web.BaseRequest) -> web.StreamResponse:
+        err = ServerBusy(
+            f"server busy: {self.open_connections()} connections open, its limit is "
+            f"{self._max_connections} (limits.max_connections); retry later"
+        )
+        resp = web.json_response(err.to_wire(), status=err.http_status)
+        resp.force_close()
+        return resp
 
     def accept(self, conn: socket.socket, peer: str) -> None:
         """Take a freshly accepted connection; set-up continues in a task of the gate."""
@@ -219,20 +228,8 @@ class GatedSite(web.BaseSite):
 # --- assembly from the configuration --------------------------------------------------
 
 HANDSHAKE_CONTEXTS = 64  # handshakes at once that can tell a refused peer why
+CERT_WARN_BEFORE = timedelta(days=30)
 BACKLOG = 256
-
-
-def _busy_server(gate: list[Gate], limit: int) -> web.Server:
-    async def refuse(request: web.BaseRequest) -> web.StreamResponse:
-        err = ServerBusy(
-            f"server busy: {gate[0].open_connections()} connections open, its limit is "
-            f"{limit} (limits.max_connections); retry later"
-        )
-        resp = web.json_response(err.to_wire(), status=err.http_status)
-        resp.force_close()
-        return resp
-
-    return web.Server(refuse)
 
 
 def build_site(runner: web.AppRunner, cfg: ServerConfig) -> GatedSite:
@@ -242,15 +239,12 @@ def build_site(runner: web.AppRunner, cfg: ServerConfig) -> GatedSite:
     if cfg.tls is not None:
         files = cfg.tls
         contexts = ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
-    holder: list[Gate] = []
     gate = Gate(
         runner.server,
-        _busy_server(holder, cfg.limits.max_connections),
         max_connections=cfg.limits.max_connections,
         contexts=contexts,
         handshake_timeout_s=cfg.limits.tls_handshake_timeout_s,
     )
-    holder.append(gate)
     return GatedSite(runner, cfg.host, cfg.port, gate, backlog=BACKLOG)
 
 
@@ -263,8 +257,16 @@ def describe_security(cfg: ServerConfig) -> tuple[int, str]:
             "provision certificates with fl-provision and add a tls: section"
         )
     info = certificate_info(cfg.tls.cert)
-    return logging.INFO, (
+    text = (
         f"mutual TLS on: presenting {info.subject} (valid until "
         f"{info.not_after:%Y-%m-%d %H:%M} UTC); callers need certificates signed by "
         f"{cfg.tls.ca}"
     )
+    left = info.not_after - datetime.now(UTC)
+    if left < CERT_WARN_BEFORE:
+        state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} days"
+        return logging.WARNING, (
+            f"{text}. The server's certificate {state}: sites will refuse it; renew it "
+            "with fl-provision (remove the server folder, run again, deploy it)"
+        )
+    return logging.INFO, text

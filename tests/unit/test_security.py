@@ -360,3 +360,23 @@ def test_tls_failure_words_for_the_caller() -> None:
     eof.reason = "UNEXPECTED_EOF_WHILE_READING"
     assert tls_failure(eof, "https://h:1") is None  # a broken connection, not a refusal
     assert tls_failure(ConnectionResetError(), "https://h:1") is None
+
+
+def test_start_up_line_says_whether_tls_is_on_and_warns_before_expiry(pki: Path) -> None:
+    import logging
+
+    from fl_server.listener import describe_security
+
+    def server(tls: TlsFiles | None) -> ServerConfig:
+        return ServerConfig(workspace=Path("w"), tls=tls)
+
+    level, text = describe_security(server(None))
+    assert level == logging.WARNING and text.startswith("TLS is off: plain HTTP")
+    level, text = describe_security(server(_files(pki, "server")))
+    assert level == logging.INFO
+    assert text.startswith("mutual TLS on: presenting CN=127.0.0.1,OU=server,O=p (valid until")
+    expired = TlsFiles(
+        cert=pki / "expired" / "cert.pem", key=pki / "expired" / "key.pem", ca=pki / "ca" / "ca.pem"
+    )
+    level, text = describe_security(server(expired))
+    assert level == logging.WARNING and "The server's certificate has EXPIRED" in text
