@@ -8,6 +8,7 @@ what is wrong.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -19,6 +20,8 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic.fields import FieldInfo
@@ -27,6 +30,7 @@ from common.errors import ConfigError
 from common.timeouts import DEFAULT_TRAIN_TIMEOUT_S, Timeouts
 
 MIB = 1024 * 1024
+CONFIG_DIR = "config_dir"  # validation context: the directory of the file being loaded
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
@@ -51,6 +55,104 @@ class TransferSettings(_Frozen):
     @property
     def io_chunk_bytes(self) -> int:
         return self.io_chunk_kib * 1024
+
+
+class TlsFiles(_Frozen):
+    """Mutual TLS: this party's certificate and key, and the project CA that signs every peer.
+
+    Relative paths are taken from the directory of the YAML file that names them, so a
+    startup folder made by ``fl-provision`` works whatever the working directory.
+    """
+
+    cert: Path = Field(
+        description=(
+            "PEM certificate of this server, site or admin, issued by fl-provision. "
+            "A relative path is taken from the config file's directory."
+        )
+    )
+    key: Path = Field(
+        description=(
+            "PEM private key of `cert` (keep it mode 0600). A relative path is taken from "
+            "the config file's directory."
+        )
+    )
+    ca: Path = Field(
+        description=(
+            "PEM certificate of the project CA: the peer must present a certificate it "
+            "signed. A relative path is taken from the config file's directory."
+        )
+    )
+
+    @field_validator("cert", "key", "ca")
+    @classmethod
+    def _from_config_dir(cls, path: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get(CONFIG_DIR)
+        if isinstance(base, Path) and not path.is_absolute():
+            return base / path
+        return path
+
+
+class ServerLimits(_Frozen):
+    """Bounds on what authenticated peers may hold open, so one cannot starve the others."""
+
+    max_connections: PositiveInt = Field(
+        1024,
+        description=(
+            "Open connections at once, TLS handshakes included. A connection beyond it is "
+            "answered 503 server_busy and closed."
+        ),
+    )
+    max_uploads_per_client: PositiveInt = Field(
+        16,
+        description=(
+            "Segment uploads one site may have in flight at once; more are answered 429 "
+            "too_many_requests (the client retries). Keep it at or above the sites' "
+            "transfer.window."
+        ),
+    )
+    max_long_polls: PositiveInt = Field(
+        512,
+        description=(
+            "get_task long-polls waiting at once, all sites together; more are answered "
+            "503 server_busy."
+        ),
+    )
+    max_long_polls_per_client: PositiveInt = Field(
+        2,
+        description=(
+            "get_task long-polls one site may have waiting at once (a client daemon uses "
+            "one); more are answered 429 too_many_requests."
+        ),
+    )
+    tls_handshake_timeout_s: PositiveFloat = Field(
+        30.0, description="Seconds a new connection has to complete the TLS handshake."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` surely means this machine only: ``localhost`` or a loopback IP.
+
+    Other host names are not resolved here (validation stays pure); they count as
+    reachable from outside.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_scheme(url: str, tls: TlsFiles | None) -> None:
+    if url.startswith("https://") and tls is None:
+        raise ValueError(
+            f"server_url {url} is https:// but there is no tls: section; mutual TLS needs "
+            "this party's certificate (cert, key, ca from fl-provision)"
+        )
+    if url.startswith("http://") and tls is not None:
+        raise ValueError(
+            f"server_url {url} is plain http:// but a tls: section is set; use https://"
+        )
 
 
 class ServerConfig(_Frozen):
@@ -80,6 +182,32 @@ class ServerConfig(_Frozen):
         30.0, description="Seconds SIGTERM waits for in-flight requests before closing them."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tls: TlsFiles | None = Field(
+        None,
+        description=(
+            "Mutual TLS (see `tls:` below): the server presents `cert` and accepts only "
+            "clients and admins whose certificates the project CA signed. Without it the "
+            "server speaks plain HTTP, trusts the X-FL-Client header, and logs a warning."
+        ),
+    )
+    allow_insecure: bool = Field(
+        False,
+        description=(
+            "Allow plain HTTP (no tls:) on a host other than loopback. Anyone who can "
+            "reach the port can then act as any site or admin."
+        ),
+    )
+    limits: ServerLimits = ServerLimits()
+
+    @model_validator(mode="after")
+    def _insecure_only_on_loopback(self) -> ServerConfig:
+        if self.tls is None and not self.allow_insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and there is no tls: section; "
+                "anyone who can reach it could pull models and push updates. Provision "
+                "certificates with fl-provision and add tls:, or set allow_insecure: true"
+            )
+        return self
 
     @property
     def segment_bytes(self) -> int:
@@ -87,7 +215,8 @@ class ServerConfig(_Frozen):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
 
 
 class ClientConfig(_Frozen):
@@ -130,11 +259,35 @@ class ClientConfig(_Frozen):
         "127.0.0.1",
         description="Address the metrics port binds; 0.0.0.0 to let another host scrape it.",
     )
+    tls: TlsFiles | None = Field(
+        None,
+        description=(
+            "Mutual TLS (see `tls:` below), required with an https:// server_url: this "
+            "site's certificate, which is also its identity on the server."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _scheme_matches_tls(self) -> ClientConfig:
+        _check_scheme(self.server_url, self.tls)
+        return self
 
 
 class AdminConfig(_Frozen):
     server_url: str = Field(pattern=r"^https?://")
     timeouts: Timeouts = Timeouts()
+    tls: TlsFiles | None = Field(
+        None,
+        description=(
+            "Mutual TLS (see `tls:` below), required with an https:// server_url: this "
+            "admin's certificate."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _scheme_matches_tls(self) -> AdminConfig:
+        _check_scheme(self.server_url, self.tls)
+        return self
 
 
 class GeneratedModel(_Frozen):
@@ -293,9 +446,11 @@ def format_validation_error(source: str, err: ValidationError, *, model: type[Ba
     return "\n".join(lines)
 
 
-def parse_config(data: object, model: type[M], *, source: str) -> M:
+def parse_config(data: object, model: type[M], *, source: str, config_dir: Path | None = None) -> M:
+    """Validate ``data``; ``config_dir`` is where relative ``tls:`` paths start from."""
+    context = {CONFIG_DIR: config_dir} if config_dir is not None else None
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as err:
         first = err.errors()[0]["loc"] if err.errors() else ()
         raise ConfigError(
@@ -326,4 +481,4 @@ def load_yaml(path: Path) -> object:
 
 
 def load_config(path: Path, model: type[M]) -> M:
-    return parse_config(load_yaml(path), model, source=str(path))
+    return parse_config(load_yaml(path), model, source=str(path), config_dir=path.parent)

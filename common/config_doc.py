@@ -19,6 +19,8 @@ from common.config import (
     GeneratedModel,
     JobConfig,
     ServerConfig,
+    ServerLimits,
+    TlsFiles,
     TrainerSpec,
     TransferSettings,
 )
@@ -30,6 +32,8 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Admin (`fl-admin --config admin.yaml`)", AdminConfig, ""),
     ("`timeouts:` (server, client and admin)", Timeouts, "timeouts."),
     ("`transfer:` (server and client)", TransferSettings, "transfer."),
+    ("`tls:` (server, client and admin)", TlsFiles, "tls."),
+    ("`limits:` (server)", ServerLimits, "limits."),
     ("Job file (`fl-admin submit job.yaml`)", JobConfig, ""),
     ("`model:` with `kind: generated`", GeneratedModel, "model."),
     ("`model:` with `kind: file`", FileModel, "model."),

@@ -8,9 +8,12 @@
     │   ├── Conflict             the request clashes with current state (409)
     │   │   ├── TaskExpired      the task's round has closed (410)
     │   │   └── SegmentBusy      the same segment is being received already (409)
-    │   └── UpdateRejected       an update failed verification (422)
+    │   ├── UpdateRejected       an update failed verification (422)
+    │   └── TooManyRequests      the caller has too many requests of a kind open (429)
+    ├── ServerBusy               the server is at a limit for everyone (503)
     ├── TransferError            moving bytes failed
     │   ├── TransferTimeout      a progress timer fired (names the stage and peer)
+    │   ├── TlsError             no TLS session: handshake refused by either side
     │   ├── IntegrityError       a digest did not match
     │   └── ResumeMismatch       the two sides disagree on what was already moved
     ├── ProtocolError            the peer answered something the protocol does not allow
@@ -87,6 +90,20 @@ class UpdateRejected(RequestError):
     http_status = 422
 
 
+class TooManyRequests(RequestError):
+    """A per-caller limit (uploads in flight, long-polls) is reached; retry later."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+
+class ServerBusy(FLError):
+    """A server-wide limit (open connections, long-poll waiters) is reached; retry later."""
+
+    code = "server_busy"
+    http_status = 503
+
+
 class TransferError(FLError):
     code = "transfer_failed"
     http_status = 502
@@ -95,6 +112,16 @@ class TransferError(FLError):
 class TransferTimeout(TransferError):
     code = "transfer_timeout"
     http_status = 504
+
+
+class TlsError(TransferError):
+    """The TLS handshake failed: a certificate was refused by one side or the other.
+
+    Raised on the caller's side only; the server logs its side of the refusal.
+    """
+
+    code = "tls_failed"
+    http_status = 502
 
 
 class IntegrityError(TransferError):

@@ -119,7 +119,7 @@ class ClientDaemon:
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
         logctx.bind(client=self.cfg.name)
         async with make_session(
-            identity=self.cfg.name, connections=self.cfg.transfer.window + 4
+            identity=self.cfg.name, connections=self.cfg.transfer.window + 4, tls=self.cfg.tls
         ) as session:
             api = Api(session, self.cfg.server_url, self.cfg.timeouts)
             log.info("fl-client %s started; server %s", self.cfg.name, self.cfg.server_url)

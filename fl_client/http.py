@@ -2,20 +2,25 @@
 
 aiohttp's own ``ClientTimeout.total`` (5 minutes by default) would kill any long
 transfer, so it is off; every call runs under ``ProgressTimer`` instead. Foreign errors
-(aiohttp, OSError) become ``TransferError`` here and nowhere else; the server's error
-bodies become the same ``FLError`` class they were on the server.
+(aiohttp, OSError) become ``TransferError`` here and nowhere else (``TlsError`` when a
+TLS handshake was refused, naming why); the server's error bodies become the same
+``FLError`` class they were on the server. With a ``tls:`` section the session presents
+this party's certificate and trusts only the project CA.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from typing import TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from common.errors import FLError, ProtocolError, TransferError, from_wire
+from common.config import TlsFiles
+from common.errors import FLError, ProtocolError, TlsError, TransferError, from_wire
 from common.timeouts import ProgressTimer, Stage, Timeouts
+from common.tls import client_context, describe_handshake_failure, is_handshake_refusal
 from common.wire import CLIENT_HEADER
 
 R = TypeVar("R", bound=BaseModel)
@@ -23,14 +28,46 @@ R = TypeVar("R", bound=BaseModel)
 CONNECT_TIMEOUT_S = 30.0
 
 
-def make_session(*, identity: str | None, connections: int = 16) -> aiohttp.ClientSession:
+def make_session(
+    *, identity: str | None, connections: int = 16, tls: TlsFiles | None = None
+) -> aiohttp.ClientSession:
     headers = {CLIENT_HEADER: identity} if identity else {}
+    ctx: ssl.SSLContext | bool = True if tls is None else client_context(tls)
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
-        connector=aiohttp.TCPConnector(limit=connections),
+        connector=aiohttp.TCPConnector(limit=connections, ssl=ctx),
         headers=headers,
         auto_decompress=False,
     )
+
+
+def tls_failure(exc: BaseException, base_url: str) -> TlsError | None:
+    """The refused TLS handshake behind an aiohttp error, in words; None if it is not one.
+
+    The server's certificate is checked here, at connect; the server checks ours and,
+    when it refuses it, says why in a TLS alert that arrives at connect (TLS 1.2) or
+    with the first read (TLS 1.3).
+    """
+    cause: BaseException | None
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+    elif isinstance(exc, aiohttp.ClientConnectorSSLError):
+        cause = exc.os_error
+    elif isinstance(exc, ssl.SSLError):
+        cause = exc
+    else:
+        cause = exc.__cause__
+    if not isinstance(cause, ssl.SSLError) or not is_handshake_refusal(cause):
+        return None
+    why = describe_handshake_failure(cause)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why += " (the server's certificate, checked against tls.ca)"
+    return TlsError(f"TLS handshake with {base_url} failed: {why}")
+
+
+def transport_error(exc: BaseException, base_url: str, message: str) -> TransferError:
+    """``exc`` (aiohttp, OSError) as the project's error: ``TlsError`` or ``message``."""
+    return tls_failure(exc, base_url) or TransferError(message)
 
 
 async def raise_for_error(resp: aiohttp.ClientResponse) -> None:
@@ -92,7 +129,9 @@ class Api:
         except FLError:
             raise
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransferError(f"{what} to {self.base_url} failed: {exc!r}") from exc
+            raise transport_error(
+                exc, self.base_url, f"{what} to {self.base_url} failed: {exc!r}"
+            ) from exc
         if reply is None:
             return None
         try:

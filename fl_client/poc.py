@@ -1,7 +1,9 @@
 """``fl-poc``: run a whole federation on this machine and check the result bit for bit.
 
-It starts one server and two clients as real processes on loopback, submits a job, waits
-for it, downloads the initial and the final global model and checks, chunk by chunk,
+It provisions a throw-away project (a CA, and certificates for the server, both sites
+and an admin), starts one server and two clients as real processes on loopback with
+mutual TLS (``--insecure``: plain HTTP), submits a job, waits for it, downloads the
+initial and the final global model and checks, chunk by chunk,
 that the final model is the initial one with ``epsilon`` added once per round in the
 model's dtype: what the built-in ``add_epsilon`` trainer and a weighted average of
 identical updates must give. Neither model is ever loaded whole.
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -48,12 +51,14 @@ from common.modelio import ModelReader
 from common.tensorfile import element_window
 from fl_client.admin import api, render
 from fl_client.admin.progress import JobTracker
+from fl_client.admin.provision import Project, provision
 from fl_client.http import Api, make_session
 
 PROG = "fl-poc"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = PROJECT_ROOT / "configs/jobs/hello-numpy.yaml"
 SITES = ("site-1", "site-2")
+ADMIN = "poc-admin"
 SEGMENT_MIB = 4
 HEALTH_TIMEOUT_S = 30.0
 HEALTH_POLL_S = 0.2
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=600.0, metavar="S", help="limit for start-up and job"
     )
     parser.add_argument("--keep", action="store_true", help="keep the workspace on success")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP instead of mutual TLS")
     return parser
 
 
@@ -173,24 +179,55 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
-def write_configs(workspace: Path, port: int) -> tuple[Path, dict[str, Path]]:
-    """Write server.yaml and one file per site; each is validated before it is written."""
-    server = {
+def provision_project(workspace: Path, port: int) -> Path:
+    """A project for this run under ``workspace/pki``, as ``fl-provision`` makes one."""
+    project = Project.model_validate(
+        {
+            "name": "fl-poc",
+            "server": {"host_name": "127.0.0.1", "port": port, "bind": "127.0.0.1"},
+            "clients": [{"name": s} for s in SITES],
+            "admins": [{"name": ADMIN}],
+        }
+    )
+    pki = workspace / "pki"
+    provision(project, pki, now=datetime.now(UTC))
+    return pki
+
+
+def tls_files(folder: Path) -> dict[str, str]:
+    return {
+        "cert": str(folder / "cert.pem"),
+        "key": str(folder / "key.pem"),
+        "ca": str(folder / "ca.pem"),
+    }
+
+
+def write_configs(workspace: Path, port: int, pki: Path | None) -> tuple[Path, dict[str, Path]]:
+    """Write server.yaml and one file per site; each is validated before it is written.
+
+    With ``pki`` (the provisioned project) every daemon gets its ``tls:`` section.
+    """
+    scheme = "http" if pki is None else "https"
+    server: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": port,
         "workspace": str(workspace / "server"),
         "segment_mib": SEGMENT_MIB,
     }
+    if pki is not None:
+        server["tls"] = tls_files(pki / "server")
     parse_config(server, ServerConfig, source="server.yaml")
     write_yaml(workspace / "server.yaml", server)
     clients: dict[str, Path] = {}
     for site in SITES:
-        client = {
+        client: dict[str, Any] = {
             "name": site,
-            "server_url": f"http://127.0.0.1:{port}",
+            "server_url": f"{scheme}://127.0.0.1:{port}",
             "workspace": str(workspace / site),
             "num_samples": 1,
         }
+        if pki is not None:
+            client["tls"] = tls_files(pki / "clients" / site)
         parse_config(client, ClientConfig, source=f"{site}.yaml")
         write_yaml(workspace / f"{site}.yaml", client)
         clients[site] = workspace / f"{site}.yaml"
@@ -304,11 +341,19 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
     job = parse_config(load_yaml(args.job), JobConfig, source=str(args.job))
     epsilon = epsilon_of(job, args.job)
     port = free_port()
-    server_config, client_configs = write_configs(workspace, port)
-    admin = parse_config({"server_url": f"http://127.0.0.1:{port}"}, AdminConfig, source=PROG)
-    print(f"{PROG}: workspace {workspace}, server {admin.server_url}", flush=True)
+    pki = None if args.insecure else await asyncio.to_thread(provision_project, workspace, port)
+    server_config, client_configs = write_configs(workspace, port, pki)
+    admin_settings: dict[str, Any] = {"server_url": f"http://127.0.0.1:{port}"}
+    if pki is not None:
+        admin_settings = {
+            "server_url": f"https://127.0.0.1:{port}",
+            "tls": tls_files(pki / "admins" / ADMIN),
+        }
+    admin = parse_config(admin_settings, AdminConfig, source=PROG)
+    mode = "plain HTTP (--insecure)" if pki is None else "mutual TLS"
+    print(f"{PROG}: workspace {workspace}, server {admin.server_url}, {mode}", flush=True)
     procs.start("server", "fl_server", server_config)
-    async with make_session(identity=None) as session:
+    async with make_session(identity=None, tls=admin.tls) as session:
         a = Api(session, admin.server_url, admin.timeouts)
         display = render.make_display(render.choose_mode(False, sys.stdout), sys.stdout)
         watch = Watch(procs, display)

@@ -32,6 +32,8 @@ from common.errors import (
     RequestError,
     ResumeMismatch,
     SegmentBusy,
+    ServerBusy,
+    TooManyRequests,
     TransferError,
 )
 from common.modelio import hash_file_segments
@@ -50,7 +52,7 @@ from common.wire import (
     TaskFailure,
     UploadStatus,
 )
-from fl_client.http import Api, raise_for_error
+from fl_client.http import Api, raise_for_error, transport_error
 from fl_client.metrics import ClientMetrics, Direction
 
 log = logging.getLogger("fl_client.transfer")
@@ -59,7 +61,10 @@ RETRY_PAUSE_S = 0.5
 
 
 def _retryable(err: FLError) -> bool:
-    """Transport trouble and digest errors are worth another try; refusals are not."""
+    """Transport trouble, digest errors and busy answers are worth another try; refusals
+    are not."""
+    if isinstance(err, TooManyRequests | ServerBusy):
+        return True
     if isinstance(err, IntegrityError | TransferError):
         return not isinstance(err, ResumeMismatch)
     return isinstance(err, SegmentBusy)
@@ -235,7 +240,7 @@ async def download_model(
                         batch_bytes=settings.io_chunk_bytes,
                     )
             except (aiohttp.ClientError, OSError) as exc:
-                raise TransferError(f"{what} failed: {exc!r}") from exc
+                raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if digest != man.segment_digests[index]:
             raise IntegrityError(
                 f"{what}: digest {digest}, manifest says {man.segment_digests[index]}"
@@ -318,7 +323,7 @@ async def upload_update(
                     await raise_for_error(resp)
                     ack = SegmentAck.model_validate_json(await resp.read())
             except (aiohttp.ClientError, OSError) as exc:
-                raise TransferError(f"{what} failed: {exc!r}") from exc
+                raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if ack.digest != man.segment_digests[index] or (ack.start, ack.end) != (start, end):
             raise IntegrityError(
                 f"{what}: server acknowledged {ack}, expected {start}-{end} "

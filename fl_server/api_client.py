@@ -43,7 +43,7 @@ from common.wire import (
     UploadStatus,
 )
 from fl_server import verify
-from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
 from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.metrics import METRICS
@@ -117,19 +117,20 @@ async def get_task(request: web.Request) -> web.Response:
     except ValueError:
         raise RequestError("query parameter 'wait' must be a number of seconds") from None
     deadline = time.monotonic() + max(0.0, wait_s)
-    while True:
-        await db.run(db.touch_client, client, time.time(), None, None)
-        async with runner.tasks_changed:
-            row = await runner.task_for(client)
-            left = deadline - time.monotonic()
-            if row is None and left > 0:
-                try:
-                    async with asyncio.timeout(left):
-                        await runner.tasks_changed.wait()
-                except TimeoutError:
-                    pass
-                continue
-        break
+    with request.app[LIMITS].long_polls.hold(client):
+        while True:
+            await db.run(db.touch_client, client, time.time(), None, None)
+            async with runner.tasks_changed:
+                row = await runner.task_for(client)
+                left = deadline - time.monotonic()
+                if row is None and left > 0:
+                    try:
+                        async with asyncio.timeout(left):
+                            await runner.tasks_changed.wait()
+                    except TimeoutError:
+                        pass
+                    continue
+            break
     if row is None:
         return json_reply(TaskReply(task=None, retry_after_s=1.0))
     logctx.bind(job=row.job_id, round=row.round, client=row.client, task=row.task_id)
@@ -175,6 +176,11 @@ async def upload_status(request: web.Request) -> web.Response:
     )
 
 
+def _open_sink() -> int:
+    """Where a segment the server already holds is received again: hashed, not stored."""
+    return os.open(os.devnull, os.O_WRONLY)
+
+
 def _open_spool(path: os.PathLike[str], size: int) -> int:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -210,11 +216,20 @@ async def upload_segment(request: web.Request) -> web.Response:
     key = (task.task_id, index)
     if key in busy:
         raise SegmentBusy(f"segment {index} of task {task.task_id} is already being received")
+    uploads = request.app[LIMITS].uploads
+    uploads.acquire(task.client)  # refuses beyond limits.max_uploads_per_client
     busy.add(key)
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
     started = time.monotonic()
     try:
-        fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
+        # A segment already acknowledged is never overwritten: a resend after a lost ack
+        # is hashed and acknowledged again, anything else (a different, cut or oversized
+        # body) leaves the stored bytes as they were.
+        acked = (await db.run(db.segments_of, task.task_id)).get(index)
+        if acked is None:
+            fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
+        else:
+            fd = await asyncio.to_thread(_open_sink)
         timer = ProgressTimer(
             cfg.timeouts.communication_timeout,
             stage=Stage.RECEIVING,
@@ -252,11 +267,19 @@ async def upload_segment(request: web.Request) -> web.Response:
                 f"sender declared {declared}; send it again",
                 field="body",
             )
-        if start == 0:
-            await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
-        await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
+        if acked is None:
+            if start == 0:
+                await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
+            await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
+        elif digest != acked:
+            raise Conflict(
+                f"segment {index} of task {task.task_id} is already held with digest {acked}; "
+                f"the bytes sent again have digest {digest} and were not stored",
+                field="body",
+            )
     finally:
         busy.discard(key)
+        uploads.release(task.client)
     request.app[METRICS].update_segment_received(end - start, time.monotonic() - started)
     now = time.time()
     held = await db.run(db.add_segment, task.task_id, index, digest)

@@ -19,8 +19,11 @@ from aiohttp import web
 from common import sdnotify, wire
 from common.config import ServerConfig
 from fl_server import api_admin, api_client, metrics
-from fl_server.app_keys import CONFIG, DB, RUNNER, UPLOADS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
+from fl_server.auth import auth_middleware
 from fl_server.http_util import error_middleware
+from fl_server.limits import Limits
+from fl_server.listener import build_site, describe_security
 from fl_server.runner import JobRunner
 from fl_server.state import StateDB
 from fl_server.workspace import Workspace
@@ -33,7 +36,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 def build_app(cfg: ServerConfig) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=1024 * 1024
+    )
     ws = Workspace(cfg.workspace)
     db = StateDB(ws.db_path)
     app[CONFIG] = cfg
@@ -41,6 +46,7 @@ def build_app(cfg: ServerConfig) -> web.Application:
     app[DB] = db
     app[RUNNER] = JobRunner(cfg, ws, db)
     app[UPLOADS] = set()
+    app[LIMITS] = Limits.from_config(cfg.limits)
     r = app.router
     r.add_get(wire.HEALTH, health)
     r.add_post(wire.HEARTBEAT, api_client.heartbeat)
@@ -76,12 +82,13 @@ async def serve(cfg: ServerConfig) -> None:
         app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_timeout_s, access_log=None
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=256)
+    site = build_site(runner, cfg)
     await site.start()
-    addrs = [f"{a[0]}:{a[1]}" for a in (runner.addresses or [])]
-    log.info("fl-server listening on %s (workspace %s)", ", ".join(addrs), cfg.workspace)
+    addrs = ", ".join(site.addresses)
+    log.info("fl-server listening on %s (workspace %s)", addrs, cfg.workspace)
+    log.log(*describe_security(cfg))
     notifier = sdnotify.Notifier.from_environ()
-    notifier.ready(f"listening on {', '.join(addrs)}")
+    notifier.ready(f"listening on {addrs}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from common.config import ServerConfig
+from common.identity import Identity
+from fl_server.limits import Limits
 from fl_server.runner import JobRunner
 from fl_server.state import StateDB
 from fl_server.workspace import Workspace
@@ -14,3 +16,5 @@ DB = web.AppKey("db", StateDB)
 WORKSPACE = web.AppKey("workspace", Workspace)
 RUNNER = web.AppKey("runner", JobRunner)
 UPLOADS = web.AppKey("uploads", set[tuple[str, int]])
+LIMITS = web.AppKey("limits", Limits)
+CALLER = web.RequestKey("caller", Identity)  # set by fl_server.auth when TLS is on

@@ -11,6 +11,7 @@ import uvloop
 from common.config import ServerConfig, load_config
 from common.errors import FLError
 from common.logs import setup_logging
+from common.tls import server_context
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, ServerConfig)
+        if cfg.tls is not None:
+            server_context(cfg.tls)  # unreadable or mismatched files: say so now
     except FLError as err:
         print(f"fl-server: {err.message}", file=sys.stderr)
         return 2

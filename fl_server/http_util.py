@@ -10,8 +10,9 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from common.errors import FLError, RequestError
+from common.errors import FLError, Forbidden, RequestError
 from common.wire import CLIENT_HEADER
+from fl_server.app_keys import CALLER, CONFIG
 
 log = logging.getLogger("fl_server.http")
 M = TypeVar("M", bound=BaseModel)
@@ -73,6 +74,12 @@ def json_reply(model: BaseModel | Sequence[BaseModel], status: int = 200) -> web
 
 
 def caller_identity(request: web.Request) -> str:
+    """The calling site: its certificate's name with TLS (see ``fl_server.auth``), else
+    what the ``X-FL-Client`` header says (insecure mode)."""
+    if CALLER in request:
+        return request[CALLER].name
+    if request.app[CONFIG].tls is not None:
+        raise Forbidden("the caller's certificate was not checked for this route")
     name = request.headers.get(CLIENT_HEADER)
     if not name:
         raise RequestError(f"missing {CLIENT_HEADER} header naming the client site")

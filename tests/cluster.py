@@ -2,7 +2,10 @@
 
 Everything goes through the real commands (``python -m fl_server`` / ``fl_client``)
 and the real HTTP API; nothing is mocked. Each process logs to a file in the test's
-directory, shown when a test fails.
+directory, shown when a test fails. With ``tls=True`` the cluster provisions a project
+under ``root/pki`` (with the code ``fl-provision`` runs), every daemon gets its
+credentials, and the helpers below talk HTTPS with the admin's (or a site's)
+certificate.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -102,10 +106,61 @@ class Cluster:
     server: Proc | None = None
     clients: dict[str, Proc] = field(default_factory=dict)
     cgroup_procs: Path | None = None  # daemons start inside this cgroup, when set
+    tls: bool = False  # mutual TLS, with a project provisioned under root/pki
+    admin: str = "admin"  # the admin whose certificate the helpers present
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    def credentials(self, role: str, name: str) -> dict[str, str]:
+        """The ``tls:`` section of ``role`` (server, client, admin) ``name``.
+
+        Provisions it on first use: the project file lists every participant asked for
+        so far and the re-run keeps the CA and everyone provisioned before.
+        """
+        from datetime import UTC, datetime
+
+        from fl_client.admin.provision import Project, provision
+
+        folder = {
+            "server": self.pki / "server",
+            "client": self.pki / "clients" / name,
+            "admin": self.pki / "admins" / name,
+        }[role]
+        if not (folder / "cert.pem").exists():
+            project_file = self.pki / "project.json"
+            data = (
+                json.loads(project_file.read_text())
+                if project_file.exists()
+                else {
+                    "name": "test-project",
+                    "server": {"host_name": "127.0.0.1", "port": self.port, "bind": "127.0.0.1"},
+                    "clients": [],
+                    "admins": [],
+                }
+            )
+            if role != "server":
+                data[role + "s"].append({"name": name})
+            self.pki.mkdir(parents=True, exist_ok=True)
+            project_file.write_text(json.dumps(data))
+            provision(Project.model_validate(data), self.pki, now=datetime.now(UTC))
+        return {k: str(folder / f"{k}.pem") for k in ("cert", "key", "ca")}
+
+    def ssl_context(self, client: str | None = None) -> ssl.SSLContext | None:
+        """The context the HTTP helpers use: a site's certificate, else the admin's."""
+        if not self.tls:
+            return None
+        files = (
+            self.credentials("client", client) if client else self.credentials("admin", self.admin)
+        )
+        ctx = ssl.create_default_context(cafile=files["ca"])
+        ctx.load_cert_chain(files["cert"], files["key"])
+        return ctx
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> Path:
         path = self.root / name
@@ -120,6 +175,7 @@ class Cluster:
             "port": self.port,
             "workspace": str(self.root / "server"),
             "segment_mib": self.segment_mib,
+            **({"tls": self.credentials("server", "server")} if self.tls else {}),
             **self.server_extra,
         }
         path = self.write_yaml("server.yaml", cfg)
@@ -161,6 +217,7 @@ class Cluster:
             "server_url": self.url,
             "workspace": str(self.root / name),
             "num_samples": num_samples,
+            **({"tls": self.credentials("client", name)} if self.tls else {}),
             **extra,
         }
         path = self.write_yaml(f"{name}.yaml", cfg)
@@ -186,8 +243,15 @@ class Cluster:
 
     # HTTP
     def request(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        *,
+        as_client: str | None = None,
     ) -> Any:
+        """One JSON call; with TLS as ``as_client``'s site certificate, else the admin's."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.url + path,
@@ -196,7 +260,9 @@ class Cluster:
             headers={"Content-Type": "application/json", **(headers or {})},
         )
         try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
+            with urllib.request.urlopen(
+                req, timeout=60, context=self.ssl_context(as_client)
+            ) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise ApiError(exc.code, json.loads(exc.read() or b"{}")) from None
@@ -248,7 +314,8 @@ class Cluster:
 
     def download(self, job_id: str, rnd: int, dest: Path) -> Path:
         url = f"{self.url}/v1/admin/jobs/{job_id}/model?round={rnd}"
-        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as f:
+        ctx = self.ssl_context()
+        with urllib.request.urlopen(url, timeout=60, context=ctx) as resp, open(dest, "wb") as f:
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
         return dest

@@ -22,7 +22,7 @@ from common import wire
 from common.config import JobConfig
 from common.errors import FLError, ProtocolError, TransferError
 from common.timeouts import ProgressTimer, Stage
-from fl_client.http import Api, raise_for_error
+from fl_client.http import Api, raise_for_error, transport_error
 
 BATCH_BYTES = 4 * 1024 * 1024
 POLL_S = 0.5
@@ -134,7 +134,9 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
         # A close and an unlink: done inline so a second cancellation cannot skip them.
         _discard(file, part)
         if isinstance(exc, aiohttp.ClientError | OSError):
-            raise TransferError(f"{what} from {api.base_url} failed: {exc}") from exc
+            raise transport_error(
+                exc, api.base_url, f"{what} from {api.base_url} failed: {exc}"
+            ) from exc
         raise
     return written
 

@@ -276,7 +276,7 @@ COMMANDS: dict[str, Command] = {
 
 
 async def run(config: AdminConfig, args: argparse.Namespace) -> int:
-    async with make_session(identity=None) as session:
+    async with make_session(identity=None, tls=config.tls) as session:
         return await COMMANDS[args.command](Api(session, config.server_url, config.timeouts), args)
 
 

@@ -3,11 +3,13 @@ processes on loopback, at two model sizes and once more inside a memory cgroup.
 
     python -m tests.bench                        # 128 MiB and 4 GiB models, 1 GiB cgroup
     python -m tests.bench --tensor-mib 2 --tensor-mib 16 --cgroup-mib 512
+    python -m tests.bench --tls                  # the same over mutual TLS
 
 Prints one JSON line per job run, then one summary line with the targets. Throughput is
 model bytes moved (rounds x clients x 2 directions x model size) per second of the
 job's running time, compared with the raw disk-write and loopback rates measured in
-the same run on the same workspace disk.
+the same run on the same workspace disk. With ``--tls`` every daemon talks mutual TLS
+with a project provisioned for the run, so the two modes can be compared.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ def run_job(
     root: Path, tensor_mib: int, args: argparse.Namespace, cgroup: MemCgroup | None
 ) -> dict[str, Any]:
     cluster = Cluster(
-        root, segment_mib=args.segment_mib, cgroup_procs=cgroup.procs if cgroup else None
+        root,
+        segment_mib=args.segment_mib,
+        cgroup_procs=cgroup.procs if cgroup else None,
+        tls=args.tls,
     )
     model_bytes = args.tensors * tensor_mib * MIB
     try:
@@ -101,6 +106,7 @@ def run_job(
             done = time.perf_counter()
         moved = args.rounds * args.clients * 2 * model_bytes
         result: dict[str, Any] = {
+            "tls": args.tls,
             "model_bytes": model_bytes,
             "tensor_mib": tensor_mib,
             "state": status["job"]["state"],
@@ -141,6 +147,11 @@ def main() -> None:
         type=int,
         default=1024,
         help="memory limit for the daemons in the cgroup run (0: skip)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="run over mutual TLS with a project provisioned for the run",
     )
     parser.add_argument(
         "--workdir",

@@ -72,3 +72,4 @@ def test_poc_command_prints_ok() -> None:
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, out.stdout + out.stderr
     assert last.startswith("fl-poc: OK rounds=3"), out.stdout
+    assert ", mutual TLS" in out.stdout  # the default

@@ -108,6 +108,7 @@ def test_server_full_file(tmp_path: Path) -> None:
           io_chunk_kib: 4
         segment_mib: 1
         log_level: DEBUG
+        allow_insecure: true
         """
     )
     cfg = load_config(_write(tmp_path, text), ServerConfig)
@@ -150,7 +151,8 @@ def test_client_defaults(tmp_path: Path) -> None:
 
 
 def test_admin_config(tmp_path: Path) -> None:
-    cfg = load_config(_write(tmp_path, "server_url: https://fl.example:443\n"), AdminConfig)
+    text = "server_url: https://fl.example:443\ntls: {cert: a.pem, key: a.key, ca: ca.pem}\n"
+    cfg = load_config(_write(tmp_path, text), AdminConfig)
     assert cfg.server_url == "https://fl.example:443"
     assert cfg.timeouts.streaming_ack_wait == 300.0
 
