@@ -1,4 +1,5 @@
-"""The systemd units: what they must say, and ``systemd-analyze verify`` where it exists."""
+"""The systemd units: what they must say, that they fit the startup kits ``fl-provision``
+makes from the example project file, and ``systemd-analyze verify`` where it exists."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
+from pydantic import BaseModel
 
-from common.config import ClientConfig, ServerConfig
-from tests.deploy.units import DEPLOY, console_scripts, parse_unit
+from common.config import ClientConfig, ServerConfig, load_config
+from fl_client.admin.provision import Project
+from tests.cluster import REPO
+from tests.deploy.units import DEPLOY, console_scripts, parse_unit, provision
 
 UNITS = DEPLOY / "systemd"
 INSTALLED_BIN = "/opt/fl-stream/venv/bin/"
 SERVER = UNITS / "fl-server.service"
 CLIENT = UNITS / "fl-client@.service"
+PROJECT = REPO / "configs" / "project.yaml"
+CONFIG_ROOT = PurePosixPath("/etc/fl")
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
@@ -60,11 +66,64 @@ def test_unit_contents(path: Path, script: str, config_model: type) -> None:
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
+def service_section(path: Path, instance: str | None = None) -> dict[str, str]:
+    """The [Service] settings, with ``%i`` replaced by ``instance`` for a template."""
+    svc = {k: v[-1] for k, v in parse_unit(path)["Service"].items()}
+    if instance is not None:
+        svc = {k: v.replace("%i", instance) for k, v in svc.items()}
+    return svc
+
+
+def config_path(svc: dict[str, str]) -> PurePosixPath:
+    argv = shlex.split(svc["ExecStart"])
+    return PurePosixPath(argv[argv.index("--config") + 1])
+
+
 def test_client_unit_is_a_template_per_site() -> None:
-    svc = {k: v[-1] for k, v in parse_unit(CLIENT)["Service"].items()}
-    assert "/etc/fl/client-%i.yaml" in svc["ExecStart"]
+    svc = service_section(CLIENT)
+    assert config_path(svc) == CONFIG_ROOT / "%i" / "client.yaml"
     assert svc["WorkingDirectory"] == "/var/lib/fl/%i"
     assert svc["StateDirectory"] == "fl/%i"
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return provision(PROJECT, tmp_path_factory.mktemp("kits"))
+
+
+def test_units_fit_the_kits_of_the_example_project(kits: Path, tmp_path: Path) -> None:
+    """Install every kit of ``fl-provision configs/project.yaml`` as deploy/README.md
+    says (the kit's folder as the folder of the unit's --config, under a temporary
+    root that stands for /), then load the config from there: its TLS files resolve
+    beside it, and its workspace is the path the unit may write."""
+    project = load_config(PROJECT, Project)
+    cases: list[tuple[Path, str | None, Path, type[BaseModel]]] = [
+        (SERVER, None, kits / "server", ServerConfig),
+        *((CLIENT, c.name, kits / "clients" / c.name, ClientConfig) for c in project.clients),
+    ]
+    folders = set()
+    for unit, instance, kit, schema in cases:
+        svc = service_section(unit, instance)
+        config = config_path(svc)
+        # a folder of its own under /etc/fl, holding the kit's own config file
+        assert config.parent.parent == CONFIG_ROOT, f"{unit.name}: {config}"
+        assert (kit / config.name).is_file(), f"{unit.name}: the kit has no {config.name}"
+        folders.add(config.parent)
+        installed = tmp_path / config.relative_to("/")
+        shutil.copytree(kit, installed.parent)
+        cfg = load_config(installed, schema)
+        tls = getattr(cfg, "tls", None)
+        assert tls is not None
+        for part in (tls.cert, tls.key, tls.ca):
+            assert part.is_file() and part.parent == installed.parent, part
+        workspace = str(getattr(cfg, "workspace", None))
+        assert workspace == svc["ReadWritePaths"] == svc["WorkingDirectory"], unit.name
+        assert workspace == "/var/lib/" + svc["StateDirectory"]
+        if isinstance(cfg, ClientConfig):
+            assert cfg.name == instance
+        else:
+            assert isinstance(cfg, ServerConfig) and cfg.host == project.server.bind
+    assert len(folders) == len(cases), "two kits would share a folder"
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:

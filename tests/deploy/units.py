@@ -1,13 +1,19 @@
-"""Reading deployment files in tests: systemd unit files and pyproject's console scripts."""
+"""Deployment files in tests: systemd unit files, pyproject's console scripts, and
+startup kits made by the real ``fl-provision`` command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from tests.cluster import REPO
 
 DEPLOY = REPO / "deploy"
+BIN = Path(sys.executable).parent  # this environment's console scripts
 
 
 def console_scripts() -> dict[str, str]:
@@ -32,3 +38,22 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
         assert sep, f"{path}: not a key=value line: {line!r}"
         current.setdefault(key.strip(), []).append(value.strip())
     return sections
+
+
+def installed_script(name: str) -> Path:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{path} missing: install the project (pip install -e .)")
+    return path
+
+
+def provision(project: Path, out: Path) -> Path:
+    """``fl-provision PROJECT -o OUT`` with this environment's console script; ``out``."""
+    done = subprocess.run(
+        [str(installed_script("fl-provision")), str(project), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
