@@ -23,6 +23,7 @@ import numpy as np
 from common.config import BUILTIN_TRAINER, MIB, AddEpsilonParams, TrainerSpec
 from common.errors import ConfigError, FLError
 from common.modelio import ModelReader, ModelWriter
+from common.tensorfile import element_window
 
 
 class TrainerFailed(FLError):
@@ -58,11 +59,18 @@ class AddEpsilon:
         self.params = AddEpsilonParams.model_validate(params)
 
     def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
-        chunk_bytes = self.params.chunk_mib * MIB
-        for name in model.names:
-            for chunk in model.iter_chunks(name, chunk_bytes):
-                np.add(chunk, chunk.dtype.type(self.params.epsilon), out=chunk)
-                update.write(chunk, name=name)
+        # one buffer for the whole model, read into and written from chunk after chunk:
+        # the memory this takes is chunk_mib, however many tensors go through it
+        raw = np.empty(self.params.chunk_mib * MIB, dtype=np.uint8)
+        for spec in model.layout.tensors:
+            step = element_window(spec, raw.nbytes)
+            buf = raw[: step * spec.np_dtype.itemsize].view(spec.np_dtype)
+            epsilon = spec.np_dtype.type(self.params.epsilon)
+            for first in range(0, spec.numel, step):
+                chunk = buf[: min(step, spec.numel - first)]
+                model.read_into(spec, first, chunk)
+                np.add(chunk, epsilon, out=chunk)
+                update.write(chunk, name=spec.name)
                 ctx.progress(chunk.nbytes)
         return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.params.epsilon})
 
