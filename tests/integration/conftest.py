@@ -8,14 +8,25 @@ import pytest
 from tests.cluster import Cluster
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(tmp_path)
+def _cluster(tmp_path: Path, request: pytest.FixtureRequest, *, tls: bool) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, tls=tls)
     yield c
     c.stop_all()
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         print(c.logs())
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A server and sites on loopback, plain HTTP; stopped and, on failure, logs shown."""
+    yield from _cluster(tmp_path, request, tls=False)
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The same with a project provisioned for the test: mutual TLS everywhere."""
+    yield from _cluster(tmp_path, request, tls=True)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

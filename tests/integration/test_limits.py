@@ -29,16 +29,6 @@ pytestmark = pytest.mark.integration
 EPSILON = 0.001
 
 
-@pytest.fixture
-def tls_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, tls=True)
-    yield c
-    c.stop_all()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(c.logs())
-
-
 class Site:
     """HTTPS calls as one site, with its certificate, one connection per call."""
 

@@ -44,16 +44,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c.stop_all()
 
 
-@pytest.fixture
-def tls_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, tls=True)
-    yield c
-    c.stop_all()
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(c.logs())
-
-
 def wait_server_log(cluster: Cluster, pattern: str, after: int = 0) -> str:
     """The first line matching ``pattern`` in the server log past byte ``after``."""
     found: list[str] = []
