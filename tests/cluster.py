@@ -349,6 +349,10 @@ def small_job(
 
 # Helpers for fault and resume tests.
 
+# request lines of the two bulk routes, for proxy rules and counts
+PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
+GET_MODEL = r"^GET /v1/tasks/\S+/model "
+
 
 def log_text(cluster: Cluster, name: str) -> str:
     """The whole log so far of the server (``"server"``) or of the client ``name``."""

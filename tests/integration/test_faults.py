@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from tests.cluster import (
+    GET_MODEL,
+    PUT_SEGMENT,
     Cluster,
     assert_exact_model,
     kill,
@@ -35,8 +37,6 @@ TIMEOUTS = {
     "streaming_ack_wait": TIMEOUT_S,
     "streaming_read_timeout": TIMEOUT_S,
 }
-GET_MODEL = r"^GET /v1/tasks/\S+/model "
-PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
 STAGE_WORDS = ("sending", "waiting", "receiving")
 SLOW_TRAINER = {
     "name": "tests.plugins:slow_add_epsilon",

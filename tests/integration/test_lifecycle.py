@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.cluster import Cluster, assert_exact_model, log_text, small_job, tasks_of
+from tests.cluster import (
+    PUT_SEGMENT,
+    Cluster,
+    assert_exact_model,
+    log_text,
+    small_job,
+    tasks_of,
+)
 from tests.expected import expected_after
 from tests.proxy import ProxyProcess, Rule
 
@@ -72,8 +79,6 @@ def test_failing_trainer_fails_job_when_quorum_cannot_be_met(cluster: Cluster) -
 
 
 # SIGTERM in the middle of a transfer: the daemon stops cleanly and nothing is lost.
-
-PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
 
 
 def _uploading(cluster: Cluster, job_id: str, site: str) -> bool:

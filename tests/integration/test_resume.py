@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cluster import (
+    GET_MODEL,
+    PUT_SEGMENT,
     Cluster,
     assert_exact_model,
     kill,
@@ -28,8 +30,6 @@ pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
 SEGMENT = MIB  # the Cluster's segment_mib is 1
 WINDOW = 2
-PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
-GET_MODEL = r"^GET /v1/tasks/\S+/model "
 # an HTTP head plus a small JSON body (heartbeat, commit, task reply with its manifest)
 OVERHEAD_PER_REQUEST = 4096
 SITES = ("site-1", "site-2")
