@@ -9,12 +9,16 @@
     │   │   ├── TaskExpired      the task's round has closed (410)
     │   │   └── SegmentBusy      the same segment is being received already (409)
     │   ├── UpdateRejected       an update failed verification (422)
+    │   ├── SegmentTooLong       a segment's body is longer than the segment (413)
+    │   ├── RangeNotSatisfiable  a Range header the model route cannot answer (416)
     │   └── TooManyRequests      the caller has too many requests of a kind open (429)
     ├── ServerBusy               the server is at a limit for everyone (503)
+    ├── StorageError             the local disk or state database failed (507)
     ├── TransferError            moving bytes failed
     │   ├── TransferTimeout      a progress timer fired (names the stage and peer)
     │   ├── TlsError             no TLS session: handshake refused by either side
     │   ├── IntegrityError       a digest did not match
+    │   ├── SegmentTruncated     a segment's body ended early (400)
     │   └── ResumeMismatch       the two sides disagree on what was already moved
     ├── ProtocolError            the peer answered something the protocol does not allow
     ├── ModelFormatError         a model file is not valid safetensors / not as declared
@@ -149,6 +153,29 @@ class JobError(FLError):
     http_status = 409
 
 
+class SegmentTooLong(RequestError):
+    code = "segment_too_long"
+    http_status = 413
+
+
+class SegmentTruncated(TransferError):
+    code = "segment_truncated"
+    http_status = 400
+
+
+class RangeNotSatisfiable(RequestError):
+    code = "range_not_satisfiable"
+    http_status = 416
+
+
+class StorageError(FLError):
+    """The disk or the state database refused (full, read-only, I/O error): not the peer's
+    fault, and not fixed by sending again until an operator acts."""
+
+    code = "storage_error"
+    http_status = 507
+
+
 def _all_subclasses(cls: type[FLError]) -> list[type[FLError]]:
     out = [cls]
     for sub in cls.__subclasses__():
@@ -156,13 +183,16 @@ def _all_subclasses(cls: type[FLError]) -> list[type[FLError]]:
     return out
 
 
-_BY_CODE: dict[str, type[FLError]] = {c.code: c for c in _all_subclasses(FLError)}
+def _by_code() -> dict[str, type[FLError]]:
+    """Code -> the class that declares it, looked up when needed so that subclasses defined
+    in other modules count too; a subclass that only inherits a code does not take it."""
+    return {c.code: c for c in _all_subclasses(FLError) if "code" in vars(c)}
 
 
 def from_wire(payload: object, *, status: int) -> FLError:
     """Rebuild the server's error on the caller's side; unknown shapes become FLError."""
     if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-        cls = _BY_CODE.get(str(payload.get("code")), FLError)
+        cls = _by_code().get(str(payload.get("code")), FLError)
         field = payload.get("field")
         return cls(payload["message"], field=field if isinstance(field, str) else None)
     return FLError(f"server answered HTTP {status} without an error body")

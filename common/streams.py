@@ -20,18 +20,8 @@ from pathlib import Path
 
 import xxhash
 
-from common.errors import RequestError, TransferError, TransferTimeout
+from common.errors import SegmentTooLong, SegmentTruncated, TransferError, TransferTimeout
 from common.timeouts import ProgressTimer
-
-
-class SegmentTooLong(RequestError):
-    code = "segment_too_long"
-    http_status = 413
-
-
-class SegmentTruncated(TransferError):
-    code = "segment_truncated"
-    http_status = 400
 
 
 def _write_batch(fd: int, pos: int, batch: list[bytes], hasher: xxhash.xxh3_64) -> None:

@@ -22,9 +22,10 @@ from common.errors import (
     IntegrityError,
     RequestError,
     SegmentBusy,
+    SegmentTooLong,
     TaskExpired,
 )
-from common.streams import SegmentTooLong, receive_segment
+from common.streams import receive_segment
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
     DIGEST_HEADER,

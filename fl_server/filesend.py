@@ -31,7 +31,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from common.errors import RequestError, TransferTimeout
+from common.errors import RangeNotSatisfiable, TransferTimeout
 from common.streams import file_range_chunks
 from common.timeouts import ProgressTimer, Stage
 
@@ -39,11 +39,6 @@ log = logging.getLogger("fl_server.filesend")
 POLL_MS = 200
 TLS_CHUNK_BYTES = 1024 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-class RangeNotSatisfiable(RequestError):
-    code = "range_not_satisfiable"
-    http_status = 416
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -156,3 +156,23 @@ def test_unknown_payload_becomes_flerror_naming_status(payload: object) -> None:
     assert type(back) is FLError
     assert "HTTP 503" in back.message
     assert back.field is None
+
+
+def test_from_wire_knows_codes_of_every_declared_class() -> None:
+    from common import errors
+
+    for cls in (errors.SegmentTooLong, errors.RangeNotSatisfiable, errors.StorageError):
+        err = errors.from_wire({"code": cls.code, "message": "m"}, status=cls.http_status)
+        assert type(err) is cls
+
+
+def test_a_subclass_that_only_inherits_a_code_does_not_take_it() -> None:
+    from common import errors
+
+    class Local(errors.Conflict):
+        pass
+
+    assert type(errors.from_wire({"code": "conflict", "message": "m"}, status=409)) is (
+        errors.Conflict
+    )
+    assert Local.code == "conflict"

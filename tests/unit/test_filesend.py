@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fl_server.filesend import RangeNotSatisfiable, parse_range
+from common.errors import RangeNotSatisfiable
+from fl_server.filesend import parse_range
 
 
 @pytest.mark.parametrize(
