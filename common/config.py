@@ -39,15 +39,9 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class TransferSettings(_Frozen):
-    """How models move: in segments, several in flight, through bounded buffers."""
+class ServerTransferSettings(_Frozen):
+    """How the server takes in update segments: through bounded hand-overs to disk."""
 
-    window: PositiveInt = Field(
-        4, le=64, description="Segments in flight at once, each on its own connection."
-    )
-    max_segment_attempts: PositiveInt = Field(
-        5, description="Tries per segment before the transfer fails (digest errors, drops)."
-    )
     io_chunk_kib: PositiveInt = Field(
         1024, le=65536, description="KiB handed to the disk writer at a time."
     )
@@ -55,6 +49,21 @@ class TransferSettings(_Frozen):
     @property
     def io_chunk_bytes(self) -> int:
         return self.io_chunk_kib * 1024
+
+
+class TransferSettings(ServerTransferSettings):
+    """How a site moves models: in segments, several in flight, with retries.
+
+    The window and the retries belong to the side that starts transfers, the site; the
+    server's ``transfer:`` takes ``io_chunk_kib`` only and refuses the others by name.
+    """
+
+    window: PositiveInt = Field(
+        4, le=64, description="Segments in flight at once, each on its own connection."
+    )
+    max_segment_attempts: PositiveInt = Field(
+        5, description="Tries per segment before the transfer fails (digest errors, drops)."
+    )
 
 
 class TlsFiles(_Frozen):
@@ -160,7 +169,7 @@ class ServerConfig(_Frozen):
     port: int = Field(8470, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     workspace: Path = Field(description="Directory for the state database and model files.")
     timeouts: Timeouts = Timeouts()
-    transfer: TransferSettings = TransferSettings()
+    transfer: ServerTransferSettings = ServerTransferSettings()
     segment_mib: PositiveInt = Field(
         32,
         le=1024,

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -31,7 +32,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Client (`fl-client --config client.yaml`)", ClientConfig, ""),
     ("Admin (`fl-admin --config admin.yaml`)", AdminConfig, ""),
     ("`timeouts:` (server, client and admin)", Timeouts, "timeouts."),
-    ("`transfer:` (server and client)", TransferSettings, "transfer."),
+    ("`transfer:` (client; the server takes `io_chunk_kib` only)", TransferSettings, "transfer."),
     ("`tls:` (server, client and admin)", TlsFiles, "tls."),
     ("`limits:` (server)", ServerLimits, "limits."),
     ("Job file (`fl-admin submit job.yaml`)", JobConfig, ""),
@@ -42,10 +43,34 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
 ]
 
 
+def _type_text(ann: Any) -> str:
+    """A type as a reader of a YAML file thinks of it: ``float or null``, ``list of str``."""
+    if ann is type(None):
+        return "null"
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _type_text(get_args(ann)[0])
+    if origin in (Union, UnionType):
+        return " or ".join(_type_text(a) for a in get_args(ann))
+    if origin is Literal:
+        return " or ".join(f"`{a}`" for a in get_args(ann))
+    if origin is list:
+        return f"list of {_type_text(get_args(ann)[0])}"
+    if origin is dict:
+        return "mapping"
+    if isinstance(ann, type):
+        return {
+            "str": "string",
+            "int": "integer",
+            "float": "number",
+            "bool": "boolean",
+            "Path": "path",
+        }.get(ann.__name__, ann.__name__)
+    return str(ann)
+
+
 def _type_name(info: FieldInfo) -> str:
-    ann: Any = info.annotation
-    text = getattr(ann, "__name__", None) or str(ann)
-    return text.replace("typing.", "").replace("pathlib.", "").replace("common.config.", "")
+    return _type_text(info.annotation)
 
 
 def _default(info: FieldInfo) -> str:

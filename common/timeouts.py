@@ -49,7 +49,9 @@ class Timeouts(BaseModel):
         DEFAULT_STREAMING_ACK_WAIT_S,
         description=(
             "Seconds. How long a sender waits, after the last byte of one segment, for "
-            "the receiver's acknowledgement of that segment."
+            "the receiver's acknowledgement of that segment. Sites send the segments that "
+            "wait for one (uploads); the server accepts the key so that one timeouts: "
+            "block fits every role, but sends nothing that waits for an acknowledgement."
         ),
     )
     streaming_read_timeout: PositiveFloat | None = Field(

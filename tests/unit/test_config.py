@@ -80,8 +80,6 @@ def test_server_defaults(tmp_path: Path) -> None:
     assert cfg.timeouts == Timeouts(
         communication_timeout=300.0, streaming_ack_wait=300.0, streaming_read_timeout=300.0
     )
-    assert cfg.transfer.window == 4
-    assert cfg.transfer.max_segment_attempts == 5
     assert cfg.transfer.io_chunk_kib == 1024
     assert cfg.transfer.io_chunk_bytes == 1024 * 1024
     assert cfg.segment_mib == 32
@@ -104,7 +102,6 @@ def test_server_full_file(tmp_path: Path) -> None:
           streaming_ack_wait: 600
           streaming_read_timeout: null
         transfer:
-          window: 64
           io_chunk_kib: 4
         segment_mib: 1
         log_level: DEBUG
@@ -117,9 +114,7 @@ def test_server_full_file(tmp_path: Path) -> None:
     assert cfg.timeouts.communication_timeout == 12.5
     assert cfg.timeouts.streaming_ack_wait == 600.0
     assert cfg.timeouts.streaming_read_timeout is None
-    assert cfg.transfer.window == 64
     assert cfg.transfer.io_chunk_bytes == 4096
-    assert cfg.transfer.max_segment_attempts == 5
     assert cfg.segment_bytes == MIB
     assert cfg.log_level == "DEBUG"
 
@@ -259,7 +254,7 @@ def test_configs_are_frozen(tmp_path: Path) -> None:
         (SERVER_MIN + "port: abc\n", "port", "valid integer"),
         (SERVER_MIN + "port: 70000\n", "port", "65535"),
         (SERVER_MIN + "timeouts: 5\n", "timeouts", "(got 5)"),
-        (SERVER_MIN + "transfer:\n  window: 65\n", "transfer.window", "64"),
+        (SERVER_MIN + "transfer:\n  window: 4\n", "transfer.window", "unknown key"),
         (SERVER_MIN + "segment_mib: 0\n", "segment_mib", "greater than 0"),
         (SERVER_MIN + "log_level: TRACE\n", "log_level", "'TRACE'"),
         ("port: 1\n", "workspace", "required but missing"),
@@ -275,7 +270,7 @@ def test_configs_are_frozen(tmp_path: Path) -> None:
         "port-str",
         "port-range",
         "timeouts-not-mapping",
-        "window-range",
+        "window-is-the-sites",
         "segment-zero",
         "log-level",
         "missing-workspace",
