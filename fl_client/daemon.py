@@ -34,6 +34,7 @@ from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
 from fl_client.http import Api, make_session
 from fl_client.metrics import ClientMetrics
 from fl_client.progress_log import ProgressLogger
+from fl_client.storage import on_disk
 from fl_client.trainer import TrainContext, TrainerFailed, TrainResult, load_trainer
 from fl_client.transfer import (
     Interrupted,
@@ -116,7 +117,7 @@ class ClientDaemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop``; then finish the segments in flight (bounded) and return."""
-        self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_make_dir, "workspace", self.tasks_dir)
         logctx.bind(client=self.cfg.name)
         async with make_session(
             identity=self.cfg.name, connections=self.cfg.transfer.window + 4, tls=self.cfg.tls
@@ -219,7 +220,7 @@ class ClientDaemon:
     async def _do_task(self, api: Api, task: Task) -> None:
         tdir = self.tasks_dir / task.task_id
         await asyncio.to_thread(self._forget_other_tasks, task.task_id)
-        await asyncio.to_thread(tdir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(_make_dir, "task folder", tdir)
         man = task.manifest
         model = tdir / "model.safetensors"
         update = tdir / "update.safetensors"
@@ -282,10 +283,16 @@ class ClientDaemon:
         await asyncio.to_thread(shutil.rmtree, tdir, True)
 
 
+def _make_dir(what: str, path: Path) -> None:
+    with on_disk(what, path, "create"):
+        path.mkdir(parents=True, exist_ok=True)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with on_disk("update record", path, "write"):
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def install_stop_handlers(stop: asyncio.Event) -> None:

@@ -54,6 +54,7 @@ from common.wire import (
 )
 from fl_client.http import Api, raise_for_error, transport_error
 from fl_client.metrics import ClientMetrics, Direction
+from fl_client.storage import on_disk
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]
@@ -151,15 +152,16 @@ def _journal_read(path: Path) -> dict[int, str]:
 
 
 def _journal_append(path: Path, index: int, digest: str) -> None:
-    with open(path, "a") as f:
+    with on_disk("download journal", path, "append to"), open(path, "a") as f:
         f.write(f"{index} {digest}\n")
 
 
 def _prepare_part(part: Path, size: int) -> None:
-    part.parent.mkdir(parents=True, exist_ok=True)
-    with open(part, "ab") as f:
-        if os.fstat(f.fileno()).st_size != size:
-            f.truncate(size)
+    with on_disk("download", part, "create"):
+        part.parent.mkdir(parents=True, exist_ok=True)
+        with open(part, "ab") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                f.truncate(size)
 
 
 def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:

@@ -77,3 +77,21 @@ def test_admin_refuses_a_bad_job_file_before_sending_it(cluster: Cluster, tmp_pa
     out = _run("fl_client.admin", "--server", cluster.url, "submit", str(good))
     assert out.returncode == 0, out.stderr
     assert [j["job_id"] for j in cluster.get("/v1/admin/jobs")] == [out.stdout.strip()]
+
+
+def test_client_says_why_its_workspace_cannot_be_created(tmp_path: Path) -> None:
+    # a regular file where a folder must go: refused for root as well as for anyone else
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    workspace = blocker / "workspace"
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "site-1", "server_url": "http://127.0.0.1:9", "workspace": str(workspace)}
+        )
+    )
+    out = _run("fl_client", "--config", str(path))
+    _says(out, 1)
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fl-client: workspace {workspace}"), out.stderr
+    assert last.endswith("cannot create: Not a directory"), out.stderr
