@@ -35,7 +35,7 @@ from fl_client.http import Api, make_session
 from fl_client.metrics import ClientMetrics
 from fl_client.progress_log import ProgressLogger
 from fl_client.storage import on_disk
-from fl_client.trainer import TrainContext, TrainerFailed, TrainResult, load_trainer
+from fl_client.trainer import TrainContext, Trainer, TrainerFailed, TrainResult, load_trainer
 from fl_client.transfer import (
     Interrupted,
     commit_update,
@@ -79,10 +79,9 @@ class Progress:
 
 
 def _train(
-    trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
+    trainer: Trainer, trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
 ) -> tuple[Manifest, TrainResult]:
     """Run the trainer; any failure of the plugin becomes a ``TrainerFailed`` to report."""
-    trainer = load_trainer(trainer_task.trainer)
     man = trainer_task.manifest
     with ModelReader(model_path) as reader:
         if reader.layout != man.layout:
@@ -234,6 +233,8 @@ class ClientDaemon:
             result = TrainResult(saved["num_samples"], saved["metrics"])
             log.info("%s: resuming with the update trained before", ids)
         else:
+            # before the download: a plugin this site cannot load should not cost a model
+            trainer = await asyncio.to_thread(load_trainer, task.trainer)
             self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
             await download_model(
                 api,
@@ -255,7 +256,7 @@ class ClientDaemon:
                 num_samples=self.cfg.num_samples,
                 progress=self.progress.add,
             )
-            update_man, result = await asyncio.to_thread(_train, task, model, update, ctx)
+            update_man, result = await asyncio.to_thread(_train, trainer, task, model, update, ctx)
             saved = {
                 "manifest": update_man.model_dump(mode="json"),
                 "num_samples": result.num_samples,

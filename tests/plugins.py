@@ -63,3 +63,8 @@ def slow_add_epsilon(params: dict[str, Any]) -> SlowAddEpsilon:
 
 def poison_at(params: dict[str, Any]) -> PoisonAt:
     return PoisonAt(params)
+
+
+def broken_factory(params: dict[str, Any]) -> SlowAddEpsilon:
+    """A plugin whose set-up fails on every site: the factory raises before any training."""
+    raise RuntimeError(f"licence server {params.get('licence_server', 'lic.invalid')} unreachable")

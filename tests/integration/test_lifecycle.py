@@ -78,6 +78,39 @@ def test_failing_trainer_fails_job_when_quorum_cannot_be_met(cluster: Cluster) -
     assert "needs 2 updates but only 1 arrived" in status["job"]["reason"]
 
 
+@pytest.mark.parametrize(
+    ("plugin", "words"),
+    [
+        (
+            "tests.plugins:broken_factory",
+            "could not be set up: RuntimeError('licence server lic.invalid unreachable')",
+        ),
+        ("tests.no_such_plugin:factory", "No module named 'tests.no_such_plugin'"),
+    ],
+)
+def test_trainer_that_cannot_be_set_up_is_reported_and_the_site_goes_on(
+    cluster: Cluster, plugin: str, words: str
+) -> None:
+    cluster.start_server()
+    client = cluster.start_client("site-1", heartbeat_interval_s=0.5)
+    job = small_job(rounds=1, clients=1, tensors=2)
+    job["trainer"] = {"name": plugin, "params": {}}
+    job_id = cluster.submit(job)
+    status = cluster.wait_job(job_id, timeout=60)
+    (task,) = tasks_of(status, "site-1")
+    assert task["state"] == "rejected", cluster.logs()
+    assert f"trainer {plugin!r}" in task["reason"] and words in task["reason"], task
+    assert status["job"]["state"] == "failed"
+    assert "rejected: site-1" in status["job"]["reason"]
+    log = log_text(cluster, "site-1")
+    assert "Traceback" not in log, log
+    assert "model downloaded" not in log  # found out before fetching the model
+    # the daemon lives on and takes the next job
+    assert client.alive(), log
+    job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2))
+    assert cluster.wait_job(job_id, timeout=60)["job"]["state"] == "finished", cluster.logs()
+
+
 # SIGTERM in the middle of a transfer: the daemon stops cleanly and nothing is lost.
 
 
