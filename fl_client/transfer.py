@@ -52,13 +52,14 @@ from common.wire import (
     TaskFailure,
     UploadStatus,
 )
-from fl_client.http import Api, raise_for_error, transport_error
+from fl_client.http import Api, parse_reply, raise_for_error, read_bounded, transport_error
 from fl_client.metrics import ClientMetrics, Direction
 from fl_client.storage import on_disk
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]
 RETRY_PAUSE_S = 0.5
+ACK_MAX_BYTES = 4096  # a segment's acknowledgement is ~150 bytes of JSON
 
 
 def _retryable(err: FLError) -> bool:
@@ -323,7 +324,8 @@ async def upload_update(
                 ) as resp:
                     timer.enter(Stage.RECEIVING, timeouts.communication_timeout)
                     await raise_for_error(resp)
-                    ack = SegmentAck.model_validate_json(await resp.read())
+                    raw = await read_bounded(resp, ACK_MAX_BYTES, what, timer)
+                ack = parse_reply(SegmentAck, raw, what)
             except (aiohttp.ClientError, OSError) as exc:
                 raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if ack.digest != man.segment_digests[index] or (ack.start, ack.end) != (start, end):

@@ -1,0 +1,80 @@
+"""The client's HTTP edge and segment transfers against a stand-in server in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from common.config import MIB, TransferSettings
+from common.errors import ProtocolError
+from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
+from fl_client.http import JSON_REPLY_MAX_BYTES
+from fl_client.transfer import ACK_MAX_BYTES, upload_update
+from tests.fakeserver import Handler, make_model, serve
+
+ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
+
+
+def _ignore(_: int) -> None:
+    pass
+
+
+async def _endless_json(request: web.Request) -> web.StreamResponse:
+    """A reply with no length that goes on past the client's bound (and would for ever)."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+        for _ in range(JSON_REPLY_MAX_BYTES // MIB + 4):
+            await resp.write(b" " * MIB)
+    return resp
+
+
+async def _declared_too_long(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=b" " * (JSON_REPLY_MAX_BYTES + 1))
+
+
+@pytest.mark.parametrize("handler", [_endless_json, _declared_too_long])
+async def test_json_reply_longer_than_the_bound_is_refused(handler: Handler) -> None:
+    async with serve({("GET", "/v1/health"): handler}) as api:
+        with pytest.raises(ProtocolError, match=rf"more than the {JSON_REPLY_MAX_BYTES} bytes"):
+            await api.call("GET", "/v1/health", HeartbeatReply)
+
+
+@pytest.mark.parametrize(
+    "ack",
+    [
+        b'{"index": 0, "start": 0}',  # fields missing
+        b"<html>502 Bad Gateway</html>",  # not JSON (a 200 from something in between)
+        b"[" * (ACK_MAX_BYTES + 1),  # longer than any acknowledgement
+    ],
+)
+async def test_malformed_or_oversized_ack_is_a_protocol_error(tmp_path: Path, ack: bytes) -> None:
+    update = tmp_path / "update.safetensors"
+    man = make_model(update)
+    status = UploadStatus(
+        task_id="t1",
+        file_size=man.file_size,
+        segment_bytes=man.segment_bytes,
+        num_segments=man.num_segments,
+        segments_done=list(range(1, man.num_segments)),  # only segment 0 to send
+    )
+
+    async def upload_status(request: web.Request) -> web.StreamResponse:
+        return web.json_response(text=status.model_dump_json())
+
+    async def segment(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(body=ack, content_type="application/json")
+
+    routes: dict[tuple[str, str], Handler] = {
+        ("GET", UPLOAD_STATUS): upload_status,
+        ("PUT", UPLOAD_SEGMENT): segment,
+    }
+    async with serve(routes) as api:
+        with pytest.raises(ProtocolError, match="upload of segment 0 of task t1"):
+            await upload_update(api, "t1", update, man, ONE_TRY, _ignore, asyncio.Event())
