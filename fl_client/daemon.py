@@ -24,6 +24,7 @@ from common.errors import (
     Conflict,
     FLError,
     ModelFormatError,
+    StorageError,
     TaskExpired,
     TransferError,
     UpdateRejected,
@@ -34,7 +35,7 @@ from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
 from fl_client.http import Api, make_session
 from fl_client.metrics import ClientMetrics
 from fl_client.progress_log import ProgressLogger
-from fl_client.storage import on_disk
+from fl_client.storage import is_disk_error, on_disk, storage_error
 from fl_client.trainer import TrainContext, Trainer, TrainerFailed, TrainResult, load_trainer
 from fl_client.transfer import (
     Interrupted,
@@ -83,21 +84,28 @@ def _train(
 ) -> tuple[Manifest, TrainResult]:
     """Run the trainer; any failure of the plugin becomes a ``TrainerFailed`` to report."""
     man = trainer_task.manifest
-    with ModelReader(model_path) as reader:
+    with on_disk("model", model_path, "open"):
+        reader = ModelReader(model_path)
+    with reader:
         if reader.layout != man.layout:
             raise ModelFormatError(f"{model_path} does not match the task's manifest")
-        with ModelWriter(
-            update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
-        ) as writer:
+        with on_disk("update", update_path, "create"):
+            writer = ModelWriter(
+                update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
+            )
+        with writer:
             try:
                 result = trainer.train(reader, writer, ctx)
             except (Interrupted, FLError):
                 raise
             except Exception as exc:
+                if is_disk_error(exc):  # the update's disk is full: not the plugin's fault
+                    raise storage_error(exc, "update", update_path, "write") from exc
                 raise TrainerFailed(
                     f"trainer {trainer_task.trainer.name!r} failed: {exc!r}"
                 ) from exc
-            update_man = writer.finish()
+            with on_disk("update", update_path, "save"):
+                update_man = writer.finish()
     if not isinstance(result, TrainResult) or result.num_samples < 1:
         raise TrainerFailed(
             f"trainer {trainer_task.trainer.name!r} must return TrainResult with num_samples >= 1"
@@ -190,6 +198,16 @@ class ClientDaemon:
             except (UpdateRejected, TrainerFailed, ModelFormatError) as err:
                 log.error("task %s cannot be completed: %s", task_id, err.message)
                 await self._give_up(api, task_id, err.message)
+            except StorageError as err:
+                log.error(
+                    "task %s: this site's disk failed: %s; trying again in %.1f s (free space "
+                    "or fix the disk under %s)",
+                    task_id,
+                    err.message,
+                    self.cfg.retry_backoff_max_s,
+                    self.cfg.workspace,
+                )
+                await asyncio.sleep(self.cfg.retry_backoff_max_s)
             except Conflict as err:
                 log.warning("task %s: %s", task_id, err.message)
                 await asyncio.sleep(backoff)

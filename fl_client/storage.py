@@ -12,6 +12,7 @@ import contextlib
 import errno
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeGuard
 
 from common.errors import StorageError
 
@@ -45,5 +46,5 @@ def on_disk(what: str, path: Path, action: str) -> Iterator[None]:
         raise storage_error(exc, what, path, action) from exc
 
 
-def is_disk_error(exc: BaseException) -> bool:
+def is_disk_error(exc: BaseException) -> TypeGuard[OSError]:
     return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS

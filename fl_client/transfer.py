@@ -54,7 +54,7 @@ from common.wire import (
 )
 from fl_client.http import Api, parse_reply, raise_for_error, read_bounded, transport_error
 from fl_client.metrics import ClientMetrics, Direction
-from fl_client.storage import on_disk
+from fl_client.storage import is_disk_error, on_disk, storage_error
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]
@@ -242,7 +242,13 @@ async def download_model(
                         read_timeout_s=timeouts.streaming_read_timeout,
                         batch_bytes=settings.io_chunk_bytes,
                     )
-            except (aiohttp.ClientError, OSError) as exc:
+            except aiohttp.ClientError as exc:
+                raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
+            except OSError as exc:
+                # the disk writer's own failure (full, read-only) is not the network's:
+                # fetching the segment again would only fail the same way
+                if is_disk_error(exc):
+                    raise storage_error(exc, "download", part, "write") from exc
                 raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if digest != man.segment_digests[index]:
             raise IntegrityError(

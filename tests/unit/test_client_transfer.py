@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 from pathlib import Path
 
 import aiohttp
@@ -11,11 +13,11 @@ import pytest
 from aiohttp import web
 
 from common.config import MIB, TransferSettings
-from common.errors import ProtocolError
+from common.errors import ProtocolError, StorageError
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
 from fl_client.http import JSON_REPLY_MAX_BYTES
-from fl_client.transfer import ACK_MAX_BYTES, upload_update
-from tests.fakeserver import Handler, make_model, serve
+from fl_client.transfer import ACK_MAX_BYTES, download_model, upload_update
+from tests.fakeserver import Handler, file_ranges, make_model, serve
 
 ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
 
@@ -78,3 +80,28 @@ async def test_malformed_or_oversized_ack_is_a_protocol_error(tmp_path: Path, ac
     async with serve(routes) as api:
         with pytest.raises(ProtocolError, match="upload of segment 0 of task t1"):
             await upload_update(api, "t1", update, man, ONE_TRY, _ignore, asyncio.Event())
+
+
+async def test_full_disk_during_a_download_is_a_storage_error_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "global.safetensors"
+    man = make_model(source)
+    fetched: list[str] = []
+    serve_range = file_ranges(source)
+
+    async def model(request: web.Request) -> web.StreamResponse:
+        fetched.append(request.headers["Range"])
+        return await serve_range(request)
+
+    def disk_full(fd: int, buffers: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", disk_full)
+    dest = tmp_path / "site" / "model.safetensors"
+    settings = TransferSettings(window=1, max_segment_attempts=5)
+    async with serve({("GET", "/model"): model}) as api:
+        with pytest.raises(StorageError) as err:
+            await download_model(api, "/model", man, dest, settings, _ignore, asyncio.Event())
+    assert err.value.message == (f"download {dest}.part: cannot write: No space left on device")
+    assert len(fetched) == 1  # one try: a full disk is not cured by fetching again
