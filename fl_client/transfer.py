@@ -3,7 +3,8 @@
 Downloads: each segment is one HTTP range request, written straight to its offset in
 ``<model>.part`` through ``common.streams``; its digest is checked against the task's
 manifest and the segment is recorded in a journal file. After a broken connection or a
-restart only segments not in the (re-verified) journal are fetched again.
+restart only segments not in the journal are fetched again; the journal's segments are
+re-hashed from disk once per process (``Verified``), not on every retry.
 
 Uploads: each segment is one streamed PUT whose answer is the server's acknowledgement
 (its digest of what it stored). Before sending, the client asks the server which
@@ -19,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -157,12 +159,15 @@ def _journal_append(path: Path, index: int, digest: str) -> None:
         f.write(f"{index} {digest}\n")
 
 
-def _prepare_part(part: Path, size: int) -> None:
+def _prepare_part(part: Path, size: int) -> bool:
+    """Make ``part`` a file of ``size`` bytes; True if it was one already (a resume)."""
     with on_disk("download", part, "create"):
         part.parent.mkdir(parents=True, exist_ok=True)
         with open(part, "ab") as f:
-            if os.fstat(f.fileno()).st_size != size:
-                f.truncate(size)
+            if os.fstat(f.fileno()).st_size == size:
+                return True
+            f.truncate(size)
+            return False
 
 
 def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
@@ -178,6 +183,19 @@ def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
     return {i for i in claimed if actual.get(i) == man.segment_digests[i]}
 
 
+@dataclass
+class Verified:
+    """The segments of one download known to be right in ``<model>.part``, in this process.
+
+    ``segments`` is None until a first pass reads the journal and re-hashes what it
+    lists (the file may have changed while no process watched it); from then on each
+    segment this process fetched and checked is added, and later passes of the same
+    download (retries after a fault) trust the set instead of reading the model back.
+    """
+
+    segments: set[int] | None = None
+
+
 async def download_model(
     api: Api,
     url_path: str,
@@ -187,20 +205,33 @@ async def download_model(
     progress: Progress,
     stopping: asyncio.Event,
     metrics: ClientMetrics | None = None,
+    verified: Verified | None = None,
 ) -> None:
-    """Fetch the model into ``dest`` (resuming a previous partial download)."""
+    """Fetch the model into ``dest`` (resuming a previous partial download).
+
+    Pass the same ``verified`` to every attempt at one download in this process.
+    """
     if await asyncio.to_thread(dest.exists):
         return
+    verified = verified if verified is not None else Verified()
     part = dest.with_name(dest.name + ".part")
     journal = dest.with_name(dest.name + ".segments")
-    await asyncio.to_thread(_prepare_part, part, man.file_size)
-    done = await asyncio.to_thread(_verified_segments, part, journal, man)
+    if not await asyncio.to_thread(_prepare_part, part, man.file_size):
+        verified.segments = None  # a new or resized file: nothing in it can be trusted
+    if verified.segments is None:
+        verified.segments = await asyncio.to_thread(_verified_segments, part, journal, man)
+        how = "checked on disk"
+    else:
+        how = "verified earlier by this process"
+    known = verified.segments
+    done = set(known)
     if done:
         log.info(
-            "download of %s resumes: %d of %d segments on disk",
+            "download of %s resumes: %d of %d segments on disk (%s)",
             dest.name,
             len(done),
             man.num_segments,
+            how,
         )
     progress(
         sum(
@@ -256,6 +287,7 @@ async def download_model(
             )
         async with journal_lock:
             await asyncio.to_thread(_journal_append, journal, index, digest)
+        known.add(index)
         if metrics is not None:
             metrics.segment_moved(Direction.DOWNLOAD, end - start, time.monotonic() - started)
         progress(end - start)

@@ -7,6 +7,7 @@ module like any site's own plugin package.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,33 @@ class PoisonAt(SlowAddEpsilon):
                 update.write(chunk, name=name)
                 ctx.progress(chunk.nbytes)
         return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.epsilon})
+
+
+class CountRuns(SlowAddEpsilon):
+    """``add_epsilon`` that appends ``<site> <task_id>`` to ``params['runs_file']`` as it
+    starts training: a test reads how often each task was trained, across restarts."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__({"sleep_s": 0.0, **params})
+        self.runs_file = Path(params["runs_file"])
+
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        with open(self.runs_file, "a") as f:
+            f.write(f"{ctx.site} {ctx.task_id}\n")
+        return super().train(model, update, ctx)
+
+
+def runs(runs_file: Path) -> list[tuple[str, str]]:
+    """What ``CountRuns`` wrote: one ``(site, task_id)`` per training run."""
+    if not runs_file.exists():
+        return []
+    return [
+        (site, task) for site, task in (ln.split() for ln in runs_file.read_text().splitlines())
+    ]
+
+
+def count_runs(params: dict[str, Any]) -> CountRuns:
+    return CountRuns(params)
 
 
 def slow_add_epsilon(params: dict[str, Any]) -> SlowAddEpsilon:

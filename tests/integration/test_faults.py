@@ -8,6 +8,7 @@ must outlive them many times over, one that stops must fail within about one of 
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import re
 import signal
@@ -243,6 +244,38 @@ def test_client_survives_a_stall_longer_than_all_segment_attempts(
     proxy.clear_faults()
     status = cluster.wait_job(job_id, timeout=30)
     assert status["job"]["state"] == "finished", cluster.logs()
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
+def test_a_fault_that_persists_is_retried_less_and_less_often(
+    cluster: Cluster, proxy: ProxyProcess
+) -> None:
+    # the first five model responses are garbled: each pass at the task fails on a digest
+    cluster.start_server()
+    proxy.set_faults(Rule(match=GET_MODEL, direction="down", corrupt_at_byte=5000, limit=5))
+    _client(
+        cluster,
+        "site-1",
+        server_url=proxy.url,
+        retry_backoff_max_s=2.0,
+        transfer={"window": 1, "max_segment_attempts": 1},
+    )
+    job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+
+    failures = re.findall(
+        r"^(\d\d):(\d\d):(\d\d\.\d+) .* task \S+ interrupted: .*digest.*; "
+        r"will resume in ([\d.]+) s$",
+        log_text(cluster, "site-1"),
+        re.MULTILINE,
+    )
+    assert [float(f[3]) for f in failures] == [0.5, 1.0, 2.0, 2.0, 2.0], failures
+    at = [int(h) * 3600 + int(m) * 60 + float(sec) for h, m, sec, _ in failures]
+    gaps = [(b - a) % 86400 for a, b in itertools.pairwise(at)]
+    # each gap is the pause (within 20 %) and one short pass at the task
+    assert gaps[0] >= 0.4 and gaps[1] >= 0.8 and min(gaps[2:]) >= 1.6, gaps
+    assert proxy.stats().corruptions == 5
     assert_exact_model(cluster, job_id, 1, [1])
 
 

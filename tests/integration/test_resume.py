@@ -23,6 +23,7 @@ from tests.cluster import (
     small_job,
     tasks_of,
 )
+from tests.plugins import runs
 from tests.proxy import ProxyProcess, Rule
 
 pytestmark = pytest.mark.integration
@@ -114,7 +115,10 @@ def test_client_killed_mid_upload_resumes_after_restart(
     proxy.set_faults(Rule(direction="up", throttle_bps=8 * MIB))
     _client(cluster, "site-1", proxy)
     rounds = 2
-    job_id = cluster.submit(small_job(rounds=rounds, clients=1, tensors=8, shape=[1024, 1024]))
+    runs_file = cluster.root / "runs.txt"
+    job = small_job(rounds=rounds, clients=1, tensors=8, shape=[1024, 1024])
+    job["trainer"] = {"name": "tests.plugins:count_runs", "params": {"runs_file": str(runs_file)}}
+    job_id = cluster.submit(job)
 
     def uploading() -> bool:
         tasks = tasks_of(cluster.status(job_id), "site-1", 1)
@@ -129,10 +133,14 @@ def test_client_killed_mid_upload_resumes_after_restart(
     status = cluster.wait_job(job_id, timeout=60)
     assert status["job"]["state"] == "finished", cluster.logs()
 
-    # the same task was resumed, not replaced
+    # the same task was resumed, not replaced, with the update trained before the kill
     (task,) = tasks_of(status, "site-1", 1)
     assert task["task_id"] == before["task_id"] and task["state"] == "committed"
-    assert re.search(r"upload of task \S+ resumes: server holds [1-9]", log_text(cluster, "site-1"))
+    log = log_text(cluster, "site-1")
+    assert re.search(r"upload of task \S+ resumes: server holds [1-9]", log)
+    assert "resuming with the update trained before (it matches its record)" in log
+    trained = [t["task_id"] for t in status["tasks"]]
+    assert runs(runs_file) == [("site-1", t) for t in trained], "a task was trained twice"
     st = proxy.stats()
     size = status["job"]["model_bytes"]
     # the killed client's in-flight segments are all that was sent twice
@@ -167,3 +175,44 @@ def test_corrupted_segments_are_detected_and_sent_again(
     assert st.count(PUT_SEGMENT) == rounds * segments + 1
     assert st.count(GET_MODEL) == rounds * segments + 1
     assert_exact_model(cluster, job_id, rounds, [1])
+
+
+def test_update_changed_on_disk_while_the_client_was_down_is_trained_again(
+    cluster: Cluster, proxy: ProxyProcess
+) -> None:
+    cluster.start_server()
+    proxy.set_faults(Rule(direction="up", throttle_bps=8 * MIB))
+    _client(cluster, "site-1", proxy)
+    runs_file = cluster.root / "runs.txt"
+    job = small_job(rounds=1, clients=1, tensors=8, shape=[1024, 1024])
+    job["trainer"] = {"name": "tests.plugins:count_runs", "params": {"runs_file": str(runs_file)}}
+    job_id = cluster.submit(job)
+
+    def uploading() -> bool:
+        tasks = tasks_of(cluster.status(job_id), "site-1", 1)
+        return bool(tasks) and tasks[0]["phase"] == "uploading" and tasks[0]["bytes_done"] > 0
+
+    cluster.wait_for(uploading, timeout=30, what="site-1 uploading")
+    kill(cluster, "site-1")
+    (task_id,) = {t for _, t in runs(runs_file)}
+    update = cluster.root / "site-1" / "tasks" / task_id / "update.safetensors"
+    with open(update, "r+b") as f:  # one flipped bit in the last segment, never sent yet
+        f.seek(-100, 2)
+        byte = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    proxy.clear_faults()
+    _client(cluster, "site-1", proxy)
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+
+    log = log_text(cluster, "site-1")
+    assert re.search(
+        r"the update trained before cannot be used \(\S+update.safetensors: 1 of \d+ segments "
+        r"differ from its record\); training again",
+        log,
+    ), log
+    assert runs(runs_file) == [("site-1", task_id)] * 2
+    (task,) = tasks_of(status, "site-1", 1)
+    assert task["task_id"] == task_id and task["state"] == "committed"
+    assert_exact_model(cluster, job_id, 1, [1])

@@ -13,10 +13,11 @@ import pytest
 from aiohttp import web
 
 from common.config import MIB, TransferSettings
-from common.errors import ProtocolError, StorageError
+from common.errors import IntegrityError, ProtocolError, StorageError
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
+from fl_client import transfer
 from fl_client.http import JSON_REPLY_MAX_BYTES
-from fl_client.transfer import ACK_MAX_BYTES, download_model, upload_update
+from fl_client.transfer import ACK_MAX_BYTES, Verified, download_model, upload_update
 from tests.fakeserver import Handler, file_ranges, make_model, serve
 
 ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
@@ -105,3 +106,53 @@ async def test_full_disk_during_a_download_is_a_storage_error_not_retried(
             await download_model(api, "/model", man, dest, settings, _ignore, asyncio.Event())
     assert err.value.message == (f"download {dest}.part: cannot write: No space left on device")
     assert len(fetched) == 1  # one try: a full disk is not cured by fetching again
+
+
+async def test_a_retry_in_the_same_process_trusts_the_segments_it_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "global.safetensors"
+    man = make_model(source, elements=20_000, segment_bytes=8192)
+    assert man.num_segments >= 6
+    bad_range = "bytes=16384-24575"  # segment 2, garbled the first time it is asked for
+    fetched: list[str] = []
+    serve_range = file_ranges(source)
+
+    async def model(request: web.Request) -> web.StreamResponse:
+        wanted = request.headers["Range"]
+        fetched.append(wanted)
+        if wanted == bad_range and fetched.count(wanted) == 1:
+            return web.Response(status=206, body=b"\0" * 8192)
+        return await serve_range(request)
+
+    real_hash = transfer.hash_file_segments
+    hashed: list[list[int]] = []
+
+    def counting_hash(path: Path, segment_bytes: int, indices: list[int]) -> dict[int, str]:
+        hashed.append(list(indices))
+        return real_hash(path, segment_bytes, indices)
+
+    monkeypatch.setattr(transfer, "hash_file_segments", counting_hash)
+    dest = tmp_path / "site" / "model.safetensors"
+    settings = TransferSettings(window=1, max_segment_attempts=1)
+    verified = Verified()
+    async with serve({("GET", "/model"): model}) as api:
+
+        async def attempt(known: Verified) -> None:
+            await download_model(
+                api, "/model", man, dest, settings, _ignore, asyncio.Event(), verified=known
+            )
+
+        with pytest.raises(IntegrityError):
+            await attempt(verified)
+        assert verified.segments == {0, 1}
+        with pytest.raises(IntegrityError):  # segment 2 garbled again, for the test's sake
+            fetched.clear()
+            await attempt(verified)
+        assert hashed == []  # nothing read back: both passes trusted what they verified
+        assert fetched == [bad_range]
+
+        # a new process (a fresh Verified) checks the journal's segments on disk, once
+        await attempt(Verified())
+    assert hashed == [[0, 1]]
+    assert await asyncio.to_thread(dest.read_bytes) == await asyncio.to_thread(source.read_bytes)
