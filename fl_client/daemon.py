@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import shutil
@@ -59,6 +60,7 @@ from fl_client.transfer import (
     report_failure,
     upload_update,
 )
+from fl_client.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client")
 POLL_WAIT_S = 15.0
@@ -158,7 +160,13 @@ class ClientDaemon:
                 if self.progress.task_id is None:
                     work.cancel()  # idle in a long-poll: nothing to finish
                 done, _ = await asyncio.wait([work], timeout=self.cfg.shutdown_timeout_s)
-                if not done:
+                if not done and self.progress.phase is Phase.TRAINING:
+                    log.warning(
+                        "training has not stopped after %g s (the trainer has not reported "
+                        "progress since); leaving it: the task trains again on the next start",
+                        self.cfg.shutdown_timeout_s,
+                    )
+                elif not done:
                     log.warning(
                         "segments still in flight after %g s; dropping them",
                         self.cfg.shutdown_timeout_s,
@@ -334,8 +342,9 @@ class ClientDaemon:
             num_samples=self.cfg.num_samples,
             progress=self.progress.add,
         )
-        update_man, result = await asyncio.to_thread(
-            _train, trainer, task, files.model, files.update, ctx
+        update_man, result = await run_unjoined(
+            f"trainer {task.task_id}",
+            functools.partial(_train, trainer, task, files.model, files.update, ctx),
         )
         saved = SavedUpdate(update_man, result)
         # the update is fsynced by its writer; the record goes last, durably

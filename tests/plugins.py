@@ -21,16 +21,22 @@ class SlowAddEpsilon:
     """``add_epsilon`` that sleeps ``sleep_s`` before each tensor, reporting progress.
 
     Its updates are exactly those of the built-in trainer; it only takes longer, so a
-    test can act on a client while it is training.
+    test can act on a client while it is training. With ``hold_file`` it also waits,
+    before each tensor, for as long as that file exists, without reporting progress: a
+    plugin deep in a long computation, which a test ends by removing the file.
     """
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.epsilon = float(params.get("epsilon", 0.001))
         self.sleep_s = float(params.get("sleep_s", 0.5))
+        hold = params.get("hold_file")
+        self.hold_file = Path(hold) if hold is not None else None
 
     def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
         for name in model.names:
             time.sleep(self.sleep_s)
+            while self.hold_file is not None and self.hold_file.exists():
+                time.sleep(0.05)
             for chunk in model.iter_chunks(name, 8 * MIB):
                 np.add(chunk, chunk.dtype.type(self.epsilon), out=chunk)
                 update.write(chunk, name=name)

@@ -111,6 +111,44 @@ def test_trainer_that_cannot_be_set_up_is_reported_and_the_site_goes_on(
     assert cluster.wait_job(job_id, timeout=60)["job"]["state"] == "finished", cluster.logs()
 
 
+def test_sigterm_while_the_plugin_computes_without_progress_stops_in_time(
+    cluster: Cluster,
+) -> None:
+    # the plugin sits in one long computation (until the test removes the file), never
+    # calling ctx.progress, which is where it would learn that the daemon is stopping
+    hold = cluster.root / "hold"
+    hold.touch()
+    shutdown_timeout_s = 1.0
+    settings = {"heartbeat_interval_s": 0.3, "shutdown_timeout_s": shutdown_timeout_s}
+    cluster.start_server()
+    client = cluster.start_client("site-1", **settings)
+    job = small_job(rounds=1, clients=1, tensors=2)
+    job["trainer"] = {
+        "name": "tests.plugins:slow_add_epsilon",
+        "params": {"sleep_s": 0.0, "hold_file": str(hold)},
+    }
+    job_id = cluster.submit(job)
+
+    def training() -> bool:
+        tasks = tasks_of(cluster.status(job_id), "site-1", 1)
+        return bool(tasks) and tasks[0]["phase"] == "training"
+
+    cluster.wait_for(training, 30, "site-1 training")
+    started = time.monotonic()
+    assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
+    assert time.monotonic() - started < shutdown_timeout_s + 3.0
+    log = log_text(cluster, "site-1")
+    assert "training has not stopped after 1 s" in log and "fl-client site-1 stopped" in log
+
+    hold.unlink()
+    cluster.start_client("site-1", **settings)
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    (task,) = tasks_of(status, "site-1", 1)
+    assert task["state"] == "committed"
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
 # SIGTERM in the middle of a transfer: the daemon stops cleanly and nothing is lost.
 
 
