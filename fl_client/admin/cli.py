@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the model after round N (0: initial; default: latest)",
     )
-    p = sub.add_parser("wait", help="wait for a job to end; exit 0 only if it finished")
+    p = sub.add_parser(
+        "wait",
+        help="wait for a job to end; exit 0 only if it finished",
+        description=(
+            "Wait until the job ends, printing each round as it starts (nothing with --json, "
+            "then the final status). An unreachable server (a restart) is retried. Exit code "
+            "0 if the job finished, 1 if it failed or was aborted."
+        ),
+    )
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     sub.add_parser("clients", help="list connected sites")
@@ -239,7 +247,7 @@ async def cmd_wait(a: Api, args: argparse.Namespace) -> int:
     on_status = ignore if args.json else api.RoundProgress()
     try:
         async with asyncio.timeout(args.timeout):
-            status = await api.wait_for_job(a, args.job_id, on_status)
+            status = await _follow(a, args.job_id, on_status, api.POLL_S)
     except TimeoutError:
         raise FLError(f"job {args.job_id} has not ended after {args.timeout:g} s") from None
     job = status.job

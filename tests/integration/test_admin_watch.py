@@ -148,26 +148,34 @@ def test_watch_draws_bars_on_a_terminal(cluster: Cluster) -> None:
     assert "SITE" in text and "RATE" in text and "ETA" in text
 
 
-def test_watch_rides_out_a_server_restart(cluster: Cluster) -> None:
+@pytest.mark.parametrize("command", ["watch", "wait"])
+def test_watch_and_wait_ride_out_a_server_restart(cluster: Cluster, command: str) -> None:
     cluster.start_server()
     cluster.start_client("site-1", **FAST_SITE)
     job_id = cluster.submit(small_job(rounds=ROUNDS, clients=2))  # waits for site-2
-    watch = subprocess.Popen(
-        admin(cluster, "watch", job_id, "--interval", "0.1"),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = ["watch", job_id, "--interval", "0.1"] if command == "watch" else ["wait", job_id]
+    out, err = cluster.root / f"{command}.out", cluster.root / f"{command}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(admin(cluster, *args), cwd=REPO, stdout=stdout, stderr=stderr)
     try:
-        cluster.wait_for(lambda: cluster.status(job_id)["job"]["state"] == "running")
+        # its first line: fl-admin is up and following the job before the server goes
+        cluster.wait_for(lambda: out.read_text() != "", 60, f"fl-admin {command} to report")
         kill(cluster, "server")
-        time.sleep(3.0)  # the watch finds no server, and keeps going
-        assert watch.poll() is None
+        cluster.wait_for(
+            lambda: "retrying in 2 s" in err.read_text(), 60, f"fl-admin {command} to retry"
+        )
+        assert proc.poll() is None  # it keeps going
         cluster.start_server()
         cluster.start_client("site-2", **FAST_SITE)
+        proc.wait(120)
     finally:
-        stdout, stderr = watch.communicate(timeout=120)
-    assert watch.returncode == 0, stdout + stderr + cluster.logs()
-    assert "retrying in 2 s" in stderr
-    assert f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds" in stdout
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout_text, stderr_text = out.read_text(), err.read_text()
+    assert proc.returncode == 0, stdout_text + stderr_text + cluster.logs()
+    finished = {
+        "watch": f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds",
+        "wait": f"job {job_id}: finished after {ROUNDS}/{ROUNDS} rounds",
+    }[command]
+    assert finished in stdout_text.splitlines(), stdout_text
