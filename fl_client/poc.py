@@ -293,7 +293,7 @@ async def run_job(
     procs = watch.procs
     await wait_healthy(a.session, a.base_url, procs)
     for site, config in client_configs.items():
-        procs.start(site, "fl_client", config)
+        await asyncio.to_thread(procs.start, site, "fl_client", config)
     job_id = (await api.submit(a, job)).job_id
     print(f"{PROG}: submitted job {job_id} ({job.name})", flush=True)
     return await api.wait_for_job(a, job_id, watch)
@@ -338,11 +338,12 @@ def verify_models(initial: Path, final: Path, rounds: int, epsilon: float) -> in
 
 async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> str:
     """The whole run up to the verified result; returns the summary's details."""
-    job = parse_config(load_yaml(args.job), JobConfig, source=str(args.job))
+    raw_job = await asyncio.to_thread(load_yaml, args.job)
+    job = parse_config(raw_job, JobConfig, source=str(args.job))
     epsilon = epsilon_of(job, args.job)
     port = free_port()
     pki = None if args.insecure else await asyncio.to_thread(provision_project, workspace, port)
-    server_config, client_configs = write_configs(workspace, port, pki)
+    server_config, client_configs = await asyncio.to_thread(write_configs, workspace, port, pki)
     admin_settings: dict[str, Any] = {"server_url": f"http://127.0.0.1:{port}"}
     if pki is not None:
         admin_settings = {
@@ -352,7 +353,7 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
     admin = parse_config(admin_settings, AdminConfig, source=PROG)
     mode = "plain HTTP (--insecure)" if pki is None else "mutual TLS"
     print(f"{PROG}: workspace {workspace}, server {admin.server_url}, {mode}", flush=True)
-    procs.start("server", "fl_server", server_config)
+    await asyncio.to_thread(procs.start, "server", "fl_server", server_config)
     async with make_session(identity=None, tls=admin.tls) as session:
         a = Api(session, admin.server_url, admin.timeouts)
         display = render.make_display(render.choose_mode(False, sys.stdout), sys.stdout)
@@ -370,7 +371,7 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
         if info.round != job.num_rounds:
             raise PocFailure(f"job finished after {info.round} of {job.num_rounds} rounds")
         out = workspace / "verify"
-        out.mkdir()
+        await asyncio.to_thread(out.mkdir)
         initial, final = out / "initial.safetensors", out / "final.safetensors"
         await api.download_model(a, info.job_id, initial, round=0)
         await api.download_model(a, info.job_id, final, round=job.num_rounds)
