@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.resources
 import os
 import shutil
 import signal
@@ -56,7 +57,8 @@ from fl_client.http import Api, make_session
 
 PROG = "fl-poc"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JOB = PROJECT_ROOT / "configs/jobs/hello-numpy.yaml"
+# package data, so that it is there however the project was installed
+DEFAULT_JOB = importlib.resources.files("fl_client") / "jobs" / "hello_numpy.yaml"
 SITES = ("site-1", "site-2")
 ADMIN = "poc-admin"
 SEGMENT_MIB = 4
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Run a server and two clients locally and verify a job."
     )
-    parser.add_argument("--job", type=Path, default=DEFAULT_JOB, metavar="JOB.yaml")
+    parser.add_argument(
+        "--job", type=Path, metavar="JOB.yaml", help="the job to run (default: hello-numpy)"
+    )
     parser.add_argument(
         "--workspace", type=Path, metavar="DIR", help="empty or new directory (default: a temp dir)"
     )
@@ -338,9 +342,14 @@ def verify_models(initial: Path, final: Path, rounds: int, epsilon: float) -> in
 
 async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> str:
     """The whole run up to the verified result; returns the summary's details."""
-    raw_job = await asyncio.to_thread(load_yaml, args.job)
-    job = parse_config(raw_job, JobConfig, source=str(args.job))
-    epsilon = epsilon_of(job, args.job)
+    job_file: Path | None = args.job
+    if job_file is None:
+        with importlib.resources.as_file(DEFAULT_JOB) as job_file:
+            raw_job = await asyncio.to_thread(load_yaml, job_file)
+    else:
+        raw_job = await asyncio.to_thread(load_yaml, job_file)
+    job = parse_config(raw_job, JobConfig, source=str(job_file))
+    epsilon = epsilon_of(job, job_file)
     port = free_port()
     pki = None if args.insecure else await asyncio.to_thread(provision_project, workspace, port)
     server_config, client_configs = await asyncio.to_thread(write_configs, workspace, port, pki)
