@@ -14,7 +14,7 @@ import numpy as np
 
 from common.config import MIB
 from common.modelio import ModelReader, ModelWriter
-from fl_client.trainer import TrainContext, TrainResult
+from fl_client.trainer import AddEpsilon, TrainContext, TrainResult
 
 
 class SlowAddEpsilon:
@@ -78,6 +78,19 @@ class CountRuns(SlowAddEpsilon):
         return super().train(model, update, ctx)
 
 
+class FailOnSite:
+    """``add_epsilon``, except on site ``params['fail_site']``, where training raises."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.fail_site = str(params["fail_site"])
+        self.inner = AddEpsilon({"epsilon": float(params.get("epsilon", 0.001))})
+
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        if ctx.site == self.fail_site:
+            raise RuntimeError(f"local data of {ctx.site} is unreadable")
+        return self.inner.train(model, update, ctx)
+
+
 def runs(runs_file: Path) -> list[tuple[str, str]]:
     """What ``CountRuns`` wrote: one ``(site, task_id)`` per training run."""
     if not runs_file.exists():
@@ -89,6 +102,10 @@ def runs(runs_file: Path) -> list[tuple[str, str]]:
 
 def count_runs(params: dict[str, Any]) -> CountRuns:
     return CountRuns(params)
+
+
+def fail_on_site(params: dict[str, Any]) -> FailOnSite:
+    return FailOnSite(params)
 
 
 def slow_add_epsilon(params: dict[str, Any]) -> SlowAddEpsilon:

@@ -14,6 +14,7 @@ from tests.cluster import (
     PUT_SEGMENT,
     Cluster,
     assert_exact_model,
+    in_phase,
     log_text,
     small_job,
     tasks_of,
@@ -46,7 +47,7 @@ def test_failing_trainer_is_reported_and_round_goes_on(cluster: Cluster) -> None
     cluster.wait_clients("site-1", "site-2")
     job = small_job(rounds=2, clients=1, tensors=2)
     job["trainer"] = {
-        "name": "tests.failing_trainer:factory",
+        "name": "tests.plugins:fail_on_site",
         "params": {"fail_site": "site-2", "epsilon": 0.001},
     }
     job_id = cluster.submit(job)
@@ -70,7 +71,7 @@ def test_failing_trainer_fails_job_when_quorum_cannot_be_met(cluster: Cluster) -
     cluster.start_client("site-2")
     cluster.wait_clients("site-1", "site-2")
     job = small_job(rounds=1, clients=2, tensors=2)
-    job["trainer"] = {"name": "tests.failing_trainer:factory", "params": {"fail_site": "site-2"}}
+    job["trainer"] = {"name": "tests.plugins:fail_on_site", "params": {"fail_site": "site-2"}}
     job_id = cluster.submit(job)
     status = cluster.wait_job(job_id, timeout=120)
     assert status["job"]["state"] == "failed"
@@ -129,11 +130,9 @@ def test_sigterm_while_the_plugin_computes_without_progress_stops_in_time(
     }
     job_id = cluster.submit(job)
 
-    def training() -> bool:
-        tasks = tasks_of(cluster.status(job_id), "site-1", 1)
-        return bool(tasks) and tasks[0]["phase"] == "training"
-
-    cluster.wait_for(training, 30, "site-1 training")
+    cluster.wait_for(
+        lambda: in_phase(cluster, job_id, "site-1", "training", moved=0), 30, "site-1 training"
+    )
     started = time.monotonic()
     assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
     assert time.monotonic() - started < shutdown_timeout_s + 3.0
@@ -152,11 +151,6 @@ def test_sigterm_while_the_plugin_computes_without_progress_stops_in_time(
 # SIGTERM in the middle of a transfer: the daemon stops cleanly and nothing is lost.
 
 
-def _uploading(cluster: Cluster, job_id: str, site: str) -> bool:
-    tasks = tasks_of(cluster.status(job_id), site, 1)
-    return bool(tasks) and tasks[0]["phase"] == "uploading" and tasks[0]["bytes_done"] > 0
-
-
 def test_client_sigterm_mid_upload_finishes_its_segments_and_resumes(cluster: Cluster) -> None:
     cluster.start_server()
     with ProxyProcess.start(cluster.port, cluster.root) as proxy:
@@ -165,7 +159,9 @@ def test_client_sigterm_mid_upload_finishes_its_segments_and_resumes(cluster: Cl
         settings = {"server_url": proxy.url, "heartbeat_interval_s": 0.3, "transfer": {"window": 2}}
         client = cluster.start_client("site-1", **settings)
         job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=8, shape=[512, 512]))
-        cluster.wait_for(lambda: _uploading(cluster, job_id, "site-1"), 30, "site-1 uploading")
+        cluster.wait_for(
+            lambda: in_phase(cluster, job_id, "site-1", "uploading"), 30, "site-1 uploading"
+        )
         assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
         log = log_text(cluster, "site-1")
         assert re.search(r"task \S+ paused: \d+ segments left for the next start", log), log
@@ -193,7 +189,9 @@ def test_server_sigterm_mid_upload_exits_zero_and_the_job_goes_on(cluster: Clust
             "site-1", server_url=proxy.url, heartbeat_interval_s=0.3, retry_backoff_max_s=0.5
         )
         job_id = cluster.submit(small_job(rounds=2, clients=1, tensors=8, shape=[512, 512]))
-        cluster.wait_for(lambda: _uploading(cluster, job_id, "site-1"), 30, "site-1 uploading")
+        cluster.wait_for(
+            lambda: in_phase(cluster, job_id, "site-1", "uploading"), 30, "site-1 uploading"
+        )
         # The segments of a window share the throttle and end together (about 2 s each);
         # the first window is in, so the next one is now mid-body for a while.
         time.sleep(0.7)
