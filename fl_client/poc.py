@@ -39,7 +39,9 @@ from safetensors import safe_open
 
 from common import wire
 from common.config import (
+    BUILTIN_TRAINER,
     MIB,
+    AddEpsilonParams,
     AdminConfig,
     ClientConfig,
     JobConfig,
@@ -68,8 +70,6 @@ HEALTH_REQUEST_S = 2.0
 STOP_GRACE_S = 10.0
 LOG_TAIL_BYTES = 4096
 VERIFY_CHUNK_BYTES = 8 * MIB
-# The built-in add_epsilon trainer's default, for job files that do not set epsilon.
-ADD_EPSILON_DEFAULT = 0.001
 
 
 class PocFailure(FLError):
@@ -239,14 +239,12 @@ def write_configs(workspace: Path, port: int, pki: Path | None) -> tuple[Path, d
 
 
 def epsilon_of(job: JobConfig, source: Path) -> float:
-    if job.trainer.name != "add_epsilon":
+    if job.trainer.name != BUILTIN_TRAINER:
         raise PocFailure(
             f"{source}: fl-poc can only verify add_epsilon jobs, not {job.trainer.name!r}"
         )
-    value = job.trainer.params.get("epsilon", ADD_EPSILON_DEFAULT)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PocFailure(f"{source}: trainer.params.epsilon must be a number (got {value!r})")
-    return float(value)
+    # the job's schema has already checked the parameters; this fills in the defaults
+    return AddEpsilonParams.model_validate(job.trainer.params).epsilon
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str, procs: Processes) -> None:

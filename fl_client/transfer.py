@@ -319,8 +319,8 @@ async def upload_update(
     progress: Progress,
     stopping: asyncio.Event,
     metrics: ClientMetrics | None = None,
-) -> UploadStatus:
-    """Send the update's segments the server does not hold yet; return the final status."""
+) -> None:
+    """Send the update's segments the server does not hold yet."""
     status = await api.call("GET", UPLOAD_STATUS.format(task_id=task_id), UploadStatus)
     assert status is not None
     if status.file_size != man.file_size or status.segment_bytes != man.segment_bytes:
@@ -386,7 +386,6 @@ async def upload_update(
         ),
         stopping,
     )
-    return status
 
 
 async def commit_update(

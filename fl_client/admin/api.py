@@ -27,11 +27,11 @@ from common.config import JobConfig
 from common.errors import ModelFormatError, ProtocolError, StorageError, TransferError
 from common.modelio import read_layout
 from common.timeouts import ProgressTimer, Stage
+from fl_client.admin.progress import TERMINAL
 from fl_client.http import Api, raise_for_error, transport_error
 
 BATCH_BYTES = 4 * 1024 * 1024
 POLL_S = 0.5
-TERMINAL_STATES = frozenset({wire.JobState.FINISHED, wire.JobState.FAILED, wire.JobState.ABORTED})
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ async def wait_for_job(
     while True:
         status = await job_status(api, job_id)
         on_status(status)
-        if status.job.state in TERMINAL_STATES:
+        if status.job.state in TERMINAL:
             return status
         await asyncio.sleep(poll_s)
 
