@@ -11,6 +11,7 @@ import http.client
 import itertools
 import os
 import re
+import resource
 import signal
 import time
 from typing import Any
@@ -254,6 +255,31 @@ def test_a_fault_that_persists_is_retried_less_and_less_often(
     # each gap is the pause (within 20 %) and one short pass at the task
     assert gaps[0] >= 0.4 and gaps[1] >= 0.8 and min(gaps[2:]) >= 1.6, gaps
     assert proxy.stats().corruptions == 5
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
+def test_a_disk_that_refuses_writes_is_reported_and_the_task_waits_for_it(
+    cluster: Cluster,
+) -> None:
+    # RLIMIT_FSIZE makes the site's disk refuse files past 256 KiB (EFBIG: Python
+    # ignores SIGXFSZ); the model needs ~1.8 MiB, its log far less
+    cluster.start_server()
+    site = start_site(cluster, "site-1")
+    # the soft limit only: raising it again needs no privilege
+    _, hard = resource.prlimit(site.popen.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(site.popen.pid, resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    job_id = cluster.submit(small_job(rounds=1, clients=1))
+    failed = (
+        r"this site's disk failed: download \S+model.safetensors.part: cannot create: "
+        r"File too large; trying again in ([\d.]+) s \(free space or fix the disk under "
+    )
+    wait_log(cluster, "site-1", failed)
+    wait_log(cluster, "site-1", failed + r"(?s:.*)" + failed)  # tried again, still refused
+    assert site.alive() and cluster.status(job_id)["job"]["state"] == "running"
+    assert "Traceback" not in log_text(cluster, "site-1")
+    resource.prlimit(site.popen.pid, resource.RLIMIT_FSIZE, (hard, hard))
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
     assert_exact_model(cluster, job_id, 1, [1])
 
 
