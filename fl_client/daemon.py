@@ -287,7 +287,10 @@ class ClientDaemon:
 
         # an update this process wrote is trusted; one found on disk is read back first
         check = self._update_written != task.task_id
-        saved, problem = await asyncio.to_thread(load_update, files, check=check)
+        # reading a large update back takes a while: a stop must not wait for it
+        saved, problem = await run_unjoined(
+            "update check", functools.partial(load_update, files, check=check)
+        )
         if problem is not None:
             log.warning(
                 "%s: the update trained before cannot be used (%s); training again", ids, problem

@@ -57,6 +57,7 @@ from common.wire import (
 from fl_client.http import Api, parse_reply, raise_for_error, read_bounded, transport_error
 from fl_client.metrics import ClientMetrics, Direction
 from fl_client.storage import is_disk_error, on_disk, storage_error
+from fl_client.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]
@@ -219,7 +220,10 @@ async def download_model(
     if not await asyncio.to_thread(_prepare_part, part, man.file_size):
         verified.segments = None  # a new or resized file: nothing in it can be trusted
     if verified.segments is None:
-        verified.segments = await asyncio.to_thread(_verified_segments, part, journal, man)
+        # re-hashing up to a whole model: a stop must not wait for it (it only reads)
+        verified.segments = await run_unjoined(
+            "download check", functools.partial(_verified_segments, part, journal, man)
+        )
         how = "checked on disk"
     else:
         how = "verified earlier by this process"

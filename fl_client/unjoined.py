@@ -7,6 +7,10 @@ that awaits it does not stop a thread; ``asyncio.to_thread`` threads (and those 
 busy plugin would keep a stopped daemon alive past ``shutdown_timeout_s``. A daemon
 thread is not joined: the process exits on time, and the half-written update it leaves
 (``update.safetensors.part``) is overwritten when the task is trained again.
+
+The same holds for the long reads at the start of a task (re-hashing a download's
+journaled segments, checking a saved update against its record): they only read, so
+abandoning them is safe.
 """
 
 from __future__ import annotations
