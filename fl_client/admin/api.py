@@ -131,7 +131,7 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
         ):
             t.enter(Stage.RECEIVING, timeout)
             await raise_for_error(resp)
-            written = await _stream_body(resp, file, part, t)
+            written = await _stream_body(resp, file, part, t, model_bytes or None, what)
             expected = resp.content_length
         if expected is not None and written != expected:
             raise TransferError(f"{what}: body ended after {written} of {expected} bytes")
@@ -148,13 +148,23 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
 
 
 async def _stream_body(
-    resp: aiohttp.ClientResponse, file: BinaryIO, part: Path, timer: ProgressTimer
+    resp: aiohttp.ClientResponse,
+    file: BinaryIO,
+    part: Path,
+    timer: ProgressTimer,
+    limit: int | None,
+    what: str,
 ) -> int:
+    """Write the body to ``file``; more than ``limit`` bytes is not the job's model."""
     written = 0
     batch = bytearray()
     async for chunk in resp.content.iter_any():
         timer.progress(len(chunk))
         batch += chunk
+        if limit is not None and written + len(batch) > limit:
+            raise ModelFormatError(
+                f"{what}: the server sent more than the {limit} bytes of the job's model"
+            )
         if len(batch) >= BATCH_BYTES:
             await asyncio.to_thread(_write, file, part, batch)
             written += len(batch)

@@ -55,11 +55,16 @@ def _garbled_header(data: bytes) -> bytes:
     return data[:8] + b"#" + data[9:]
 
 
+def _endless(data: bytes) -> bytes:
+    return data + b"\0" * (64 * 1024 * 1024)  # stopped at the job's model size
+
+
 @pytest.mark.parametrize(
     ("change", "words"),
     [
         (_cut_tail, "but its header describes"),
         (_garbled_header, "header"),
+        (_endless, "the server sent more than the \\d+ bytes of the job's model"),
     ],
 )
 async def test_a_broken_model_is_refused_and_nothing_is_left(
