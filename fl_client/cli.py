@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         uvloop.run(_run(cfg))
-    except FLError as err:
+    except FLError as err:  # e.g. StorageError: the workspace cannot be created
         print(f"fl-client: {err.message}", file=sys.stderr)
         return 1
     return 0

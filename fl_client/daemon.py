@@ -1,18 +1,24 @@
 """The client daemon: heartbeat, pull a task, download, train, upload, commit, repeat.
 
-Each task has a folder in the workspace holding what is done so far: the downloaded
-model (``model.safetensors``, complete only once every segment verified), the update
-and its manifest (``update.json``, written when training finished). A restarted daemon
-gets the same task from the server and continues from the first step not yet done; the
+Each task has a folder in the workspace holding what is done so far (see
+``fl_client.taskdir``): the downloaded model, complete only once every segment
+verified, then the update and its record (``update.json``, written when training
+finished). A restarted daemon gets the same task from the server and continues from
+the first step not yet done, after checking the update against its record; the
 transfers themselves resume segment by segment. Folders of other tasks are removed
 when a new task starts: their rounds are over.
+
+A task that fails for a reason that may pass (a transfer, the disk, a busy server) is
+taken up again after a pause that grows with each failure of that task
+(``fl_client.retry``). Across those retries this process trusts what it verified or
+wrote itself (the download's segments, the update) rather than reading it back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import random
 import shutil
@@ -24,6 +30,7 @@ from common.errors import (
     Conflict,
     FLError,
     ModelFormatError,
+    StorageError,
     TaskExpired,
     TransferError,
     UpdateRejected,
@@ -34,14 +41,26 @@ from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
 from fl_client.http import Api, make_session
 from fl_client.metrics import ClientMetrics
 from fl_client.progress_log import ProgressLogger
-from fl_client.trainer import TrainContext, TrainerFailed, TrainResult, load_trainer
+from fl_client.retry import FIRST_RETRY_S, TaskBackoff, jittered
+from fl_client.storage import is_disk_error, on_disk, storage_error
+from fl_client.taskdir import (
+    SavedUpdate,
+    TaskFiles,
+    forget_others,
+    load_update,
+    make_dir,
+    save_update,
+)
+from fl_client.trainer import TrainContext, Trainer, TrainerFailed, TrainResult, load_trainer
 from fl_client.transfer import (
     Interrupted,
+    Verified,
     commit_update,
     download_model,
     report_failure,
     upload_update,
 )
+from fl_client.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client")
 POLL_WAIT_S = 15.0
@@ -78,26 +97,31 @@ class Progress:
 
 
 def _train(
-    trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
+    trainer: Trainer, trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
 ) -> tuple[Manifest, TrainResult]:
     """Run the trainer; any failure of the plugin becomes a ``TrainerFailed`` to report."""
-    trainer = load_trainer(trainer_task.trainer)
     man = trainer_task.manifest
-    with ModelReader(model_path) as reader:
+    with on_disk("model", model_path, "open"):
+        reader = ModelReader(model_path)
+    with reader:
         if reader.layout != man.layout:
             raise ModelFormatError(f"{model_path} does not match the task's manifest")
-        with ModelWriter(
-            update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
-        ) as writer:
+        with on_disk("update", update_path, "create"):
+            # durable: the record written next must never point at a torn update
+            writer = ModelWriter(update_path, man.layout, segment_bytes=man.segment_bytes)
+        with writer:
             try:
                 result = trainer.train(reader, writer, ctx)
             except (Interrupted, FLError):
                 raise
             except Exception as exc:
+                if is_disk_error(exc):  # the update's disk is full: not the plugin's fault
+                    raise storage_error(exc, "update", update_path, "write") from exc
                 raise TrainerFailed(
                     f"trainer {trainer_task.trainer.name!r} failed: {exc!r}"
                 ) from exc
-            update_man = writer.finish()
+            with on_disk("update", update_path, "save"):
+                update_man = writer.finish()
     if not isinstance(result, TrainResult) or result.num_samples < 1:
         raise TrainerFailed(
             f"trainer {trainer_task.trainer.name!r} must return TrainResult with num_samples >= 1"
@@ -113,10 +137,13 @@ class ClientDaemon:
         self.metrics = ClientMetrics(self.progress)
         self.registered = asyncio.Event()  # set once the server has answered a heartbeat
         self.tasks_dir = cfg.workspace / "tasks"
+        # kept across retries of one task within this process (see _do_task)
+        self._download: tuple[str, Verified] | None = None
+        self._update_written: str | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop``; then finish the segments in flight (bounded) and return."""
-        self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(make_dir, "workspace", self.tasks_dir)
         logctx.bind(client=self.cfg.name)
         async with make_session(
             identity=self.cfg.name, connections=self.cfg.transfer.window + 4, tls=self.cfg.tls
@@ -133,7 +160,13 @@ class ClientDaemon:
                 if self.progress.task_id is None:
                     work.cancel()  # idle in a long-poll: nothing to finish
                 done, _ = await asyncio.wait([work], timeout=self.cfg.shutdown_timeout_s)
-                if not done:
+                if not done and self.progress.phase is Phase.TRAINING:
+                    log.warning(
+                        "training has not stopped after %g s (the trainer has not reported "
+                        "progress since); leaving it: the task trains again on the next start",
+                        self.cfg.shutdown_timeout_s,
+                    )
+                elif not done:
                     log.warning(
                         "segments still in flight after %g s; dropping them",
                         self.cfg.shutdown_timeout_s,
@@ -155,7 +188,8 @@ class ClientDaemon:
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     async def _work_loop(self, api: Api) -> None:
-        backoff = 0.5
+        reconnect_s = FIRST_RETRY_S
+        retry = TaskBackoff(max_s=self.cfg.retry_backoff_max_s)
         while not self.stopping.is_set():
             try:
                 reply = await api.call(
@@ -165,13 +199,13 @@ class ClientDaemon:
                     params={"wait": str(POLL_WAIT_S)},
                     wait_s=POLL_WAIT_S,
                 )
-                backoff = 0.5
+                reconnect_s = FIRST_RETRY_S
             except FLError as err:
                 log.warning(
-                    "cannot reach the server (%s); retrying in %.1f s", err.message, backoff
+                    "cannot reach the server (%s); retrying in %.1f s", err.message, reconnect_s
                 )
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(self.cfg.retry_backoff_max_s, backoff * 2)
+                await self._pause(reconnect_s)
+                reconnect_s = min(self.cfg.retry_backoff_max_s, reconnect_s * 2)
                 continue
             assert reply is not None
             if reply.task is None:
@@ -179,29 +213,55 @@ class ClientDaemon:
                 continue
             task_id = reply.task.task_id
             bound = logctx.bind(job=reply.task.job_id, round=reply.task.round, task=task_id)
+            pause_s = 0.0
             try:
                 await self._do_task(api, reply.task)
+                retry.reset()
             except Interrupted as exc:
                 log.info("task %s paused: %s", task_id, exc)
                 return
             except TaskExpired as err:
                 log.warning("%s", err.message)
+                retry.reset()
                 await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
             except (UpdateRejected, TrainerFailed, ModelFormatError) as err:
                 log.error("task %s cannot be completed: %s", task_id, err.message)
+                retry.reset()
                 await self._give_up(api, task_id, err.message)
+            except StorageError as err:
+                pause_s = retry.failed(task_id)
+                log.error(
+                    "task %s: this site's disk failed: %s; trying again in %.1f s (free space "
+                    "or fix the disk under %s)",
+                    task_id,
+                    err.message,
+                    pause_s,
+                    self.cfg.workspace,
+                )
             except Conflict as err:
-                log.warning("task %s: %s", task_id, err.message)
-                await asyncio.sleep(backoff)
+                pause_s = retry.failed(task_id)
+                log.warning("task %s: %s; trying again in %.1f s", task_id, err.message, pause_s)
             except TransferError as err:
-                log.warning("task %s interrupted: %s; will resume", reply.task.task_id, err.message)
-                await asyncio.sleep(backoff)
+                pause_s = retry.failed(task_id)
+                log.warning(
+                    "task %s interrupted: %s; will resume in %.1f s", task_id, err.message, pause_s
+                )
             except FLError as err:
-                log.error("task %s failed: %s", reply.task.task_id, err.message)
-                await asyncio.sleep(self.cfg.retry_backoff_max_s)
+                pause_s = retry.failed(task_id)
+                log.error(
+                    "task %s failed: %s; trying again in %.1f s", task_id, err.message, pause_s
+                )
             finally:
                 self.progress.idle()
                 logctx.reset(bound)
+            if pause_s:
+                await self._pause(pause_s)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep about ``seconds``, or until the daemon is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(jittered(seconds)):
+                await self.stopping.wait()
 
     async def _give_up(self, api: Api, task_id: str, reason: str) -> None:
         """Tell the server, so the round goes on without this site, and drop the task."""
@@ -211,81 +271,92 @@ class ClientDaemon:
             log.warning("could not report the failure of task %s: %s", task_id, err.message)
         await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
 
-    def _forget_other_tasks(self, keep: str) -> None:
-        for d in self.tasks_dir.iterdir():
-            if d.is_dir() and d.name != keep:
-                shutil.rmtree(d, ignore_errors=True)
+    def _verified_download(self, task_id: str) -> Verified:
+        """What this process has verified of the task's download (kept across retries)."""
+        if self._download is None or self._download[0] != task_id:
+            self._download = (task_id, Verified())
+        return self._download[1]
 
     async def _do_task(self, api: Api, task: Task) -> None:
-        tdir = self.tasks_dir / task.task_id
-        await asyncio.to_thread(self._forget_other_tasks, task.task_id)
-        await asyncio.to_thread(tdir.mkdir, parents=True, exist_ok=True)
+        files = TaskFiles(self.tasks_dir / task.task_id)
+        await asyncio.to_thread(forget_others, self.tasks_dir, task.task_id)
+        await asyncio.to_thread(make_dir, "task folder", files.folder)
         man = task.manifest
-        model = tdir / "model.safetensors"
-        update = tdir / "update.safetensors"
-        record = tdir / "update.json"
         ids = f"job {task.job_id} round {task.round}/{task.num_rounds} task {task.task_id}"
         log.info("%s: starting (%d bytes)", ids, man.file_size)
 
-        if await asyncio.to_thread(record.exists):
-            saved = json.loads(await asyncio.to_thread(record.read_text))
-            update_man = Manifest.model_validate(saved["manifest"])
-            result = TrainResult(saved["num_samples"], saved["metrics"])
-            log.info("%s: resuming with the update trained before", ids)
-        else:
-            self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
-            await download_model(
-                api,
-                task.model_url,
-                man,
-                model,
-                self.cfg.transfer,
-                self.progress.add,
-                self.stopping,
-                self.metrics,
+        # an update this process wrote is trusted; one found on disk is read back first
+        check = self._update_written != task.task_id
+        # reading a large update back takes a while: a stop must not wait for it
+        saved, problem = await run_unjoined(
+            "update check", functools.partial(load_update, files, check=check)
+        )
+        if problem is not None:
+            log.warning(
+                "%s: the update trained before cannot be used (%s); training again", ids, problem
             )
-            log.info("%s: model downloaded and verified", ids)
-            self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
-            ctx = TrainContext(
-                site=self.cfg.name,
-                job_id=task.job_id,
-                task_id=task.task_id,
-                round=task.round,
-                num_samples=self.cfg.num_samples,
-                progress=self.progress.add,
-            )
-            update_man, result = await asyncio.to_thread(_train, task, model, update, ctx)
-            saved = {
-                "manifest": update_man.model_dump(mode="json"),
-                "num_samples": result.num_samples,
-                "metrics": result.metrics,
-            }
-            await asyncio.to_thread(_write_atomic, record, json.dumps(saved))
-            log.info("%s: training done", ids)
-            # the input model is no longer needed: free its disk before the upload
-            await asyncio.to_thread(model.unlink, True)
-        self.progress.start(task.task_id, Phase.UPLOADING, update_man.file_size)
+        elif saved is not None and check:
+            log.info("%s: resuming with the update trained before (it matches its record)", ids)
+        if saved is None:
+            saved = await self._download_and_train(api, task, files, ids)
+        self.progress.start(task.task_id, Phase.UPLOADING, saved.manifest.file_size)
         await upload_update(
             api,
             task.task_id,
-            update,
-            update_man,
+            files.update,
+            saved.manifest,
             self.cfg.transfer,
             self.progress.add,
             self.stopping,
             self.metrics,
         )
-        await commit_update(api, task.task_id, update_man, result.num_samples, result.metrics)
+        result = saved.result
+        await commit_update(api, task.task_id, saved.manifest, result.num_samples, result.metrics)
         self.metrics.update_committed()
         log.info("%s: update committed", ids)
-        self.progress.start(task.task_id, Phase.DONE, update_man.file_size)
-        await asyncio.to_thread(shutil.rmtree, tdir, True)
+        self.progress.start(task.task_id, Phase.DONE, saved.manifest.file_size)
+        await asyncio.to_thread(shutil.rmtree, files.folder, True)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    async def _download_and_train(
+        self, api: Api, task: Task, files: TaskFiles, ids: str
+    ) -> SavedUpdate:
+        man = task.manifest
+        # before the download: a plugin this site cannot load should not cost a model
+        trainer = await asyncio.to_thread(load_trainer, task.trainer)
+        self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
+        await download_model(
+            api,
+            task.model_url,
+            man,
+            files.model,
+            self.cfg.transfer,
+            self.progress.add,
+            self.stopping,
+            self.metrics,
+            self._verified_download(task.task_id),
+        )
+        log.info("%s: model downloaded and verified", ids)
+        self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
+        ctx = TrainContext(
+            site=self.cfg.name,
+            job_id=task.job_id,
+            task_id=task.task_id,
+            round=task.round,
+            num_samples=self.cfg.num_samples,
+            progress=self.progress.add,
+        )
+        update_man, result = await run_unjoined(
+            f"trainer {task.task_id}",
+            functools.partial(_train, trainer, task, files.model, files.update, ctx),
+        )
+        saved = SavedUpdate(update_man, result)
+        # the update is fsynced by its writer; the record goes last, durably
+        await asyncio.to_thread(save_update, files, saved)
+        self._update_written = task.task_id
+        log.info("%s: training done", ids)
+        # the input model is no longer needed: free its disk before the upload
+        await asyncio.to_thread(files.model.unlink, True)
+        return saved
 
 
 def install_stop_handlers(stop: asyncio.Event) -> None:

@@ -6,6 +6,12 @@ transfer, so it is off; every call runs under ``ProgressTimer`` instead. Foreign
 TLS handshake was refused, naming why); the server's error bodies become the same
 ``FLError`` class they were on the server. With a ``tls:`` section the session presents
 this party's certificate and trusts only the project CA.
+
+Model bytes never come through here. Every other body is small, and is read whole only
+up to a bound: a JSON reply up to ``JSON_REPLY_MAX_BYTES``, with a wide margin over the
+largest real one (a task's manifest lists one 16-character digest per segment: a 128 GiB
+model is ~100 KB of them in 32 MiB segments, ~2.5 MB in 1 MiB ones). A longer answer,
+or one that does not parse as the protocol's, is a ``ProtocolError``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import TypeVar
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from common.config import TlsFiles
+from common.config import MIB, TlsFiles
 from common.errors import FLError, ProtocolError, TlsError, TransferError, from_wire
 from common.timeouts import ProgressTimer, Stage, Timeouts
 from common.tls import client_context, describe_handshake_failure, is_handshake_refusal
@@ -26,6 +32,7 @@ from common.wire import CLIENT_HEADER
 R = TypeVar("R", bound=BaseModel)
 
 CONNECT_TIMEOUT_S = 30.0
+JSON_REPLY_MAX_BYTES = 16 * MIB
 
 
 def make_session(
@@ -82,6 +89,40 @@ async def raise_for_error(resp: aiohttp.ClientResponse) -> None:
     raise from_wire(payload, status=resp.status)
 
 
+async def read_bounded(
+    resp: aiohttp.ClientResponse, limit: int, what: str, timer: ProgressTimer | None = None
+) -> bytes:
+    """The whole body of ``resp``, which must not be longer than ``limit`` bytes."""
+
+    def too_long(size: str) -> ProtocolError:
+        return ProtocolError(
+            f"{what}: the server's answer is {size}, more than the {limit} bytes this client "
+            "reads for it; the server is not speaking this protocol (check server_url) or "
+            "is of an incompatible version"
+        )
+
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_long(f"{resp.content_length} bytes")
+    raw = bytearray()
+    async for chunk in resp.content.iter_any():
+        if timer is not None:
+            timer.progress(len(chunk))
+        raw += chunk
+        if len(raw) > limit:
+            raise too_long("longer")
+    return bytes(raw)
+
+
+def parse_reply(model: type[R], raw: bytes, what: str) -> R:
+    """``raw`` as ``model``; anything else is the server breaking the protocol."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError(
+            f"{what}: the server's answer does not match the protocol: {exc}"
+        ) from None
+
+
 class Api:
     """JSON calls against the server at ``base_url``."""
 
@@ -122,10 +163,7 @@ class Api:
                 ) as resp:
                     timer.enter(Stage.RECEIVING, timeout)
                     await raise_for_error(resp)
-                    raw = bytearray()
-                    async for chunk in resp.content.iter_any():
-                        timer.progress(len(chunk))
-                        raw += chunk
+                    raw = await read_bounded(resp, JSON_REPLY_MAX_BYTES, what, timer)
         except FLError:
             raise
         except (aiohttp.ClientError, OSError) as exc:
@@ -134,9 +172,4 @@ class Api:
             ) from exc
         if reply is None:
             return None
-        try:
-            return reply.model_validate_json(bytes(raw))
-        except ValidationError as exc:
-            raise ProtocolError(
-                f"{what}: the server's answer does not match the protocol: {exc}"
-            ) from None
+        return parse_reply(reply, raw, what)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.resources
 import os
 import shutil
 import signal
@@ -38,7 +39,9 @@ from safetensors import safe_open
 
 from common import wire
 from common.config import (
+    BUILTIN_TRAINER,
     MIB,
+    AddEpsilonParams,
     AdminConfig,
     ClientConfig,
     JobConfig,
@@ -56,7 +59,8 @@ from fl_client.http import Api, make_session
 
 PROG = "fl-poc"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JOB = PROJECT_ROOT / "configs/jobs/hello-numpy.yaml"
+# package data, so that it is there however the project was installed
+DEFAULT_JOB = importlib.resources.files("fl_client") / "jobs" / "hello_numpy.yaml"
 SITES = ("site-1", "site-2")
 ADMIN = "poc-admin"
 SEGMENT_MIB = 4
@@ -66,8 +70,6 @@ HEALTH_REQUEST_S = 2.0
 STOP_GRACE_S = 10.0
 LOG_TAIL_BYTES = 4096
 VERIFY_CHUNK_BYTES = 8 * MIB
-# The built-in add_epsilon trainer's default, for job files that do not set epsilon.
-ADD_EPSILON_DEFAULT = 0.001
 
 
 class PocFailure(FLError):
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Run a server and two clients locally and verify a job."
     )
-    parser.add_argument("--job", type=Path, default=DEFAULT_JOB, metavar="JOB.yaml")
+    parser.add_argument(
+        "--job", type=Path, metavar="JOB.yaml", help="the job to run (default: hello-numpy)"
+    )
     parser.add_argument(
         "--workspace", type=Path, metavar="DIR", help="empty or new directory (default: a temp dir)"
     )
@@ -235,14 +239,12 @@ def write_configs(workspace: Path, port: int, pki: Path | None) -> tuple[Path, d
 
 
 def epsilon_of(job: JobConfig, source: Path) -> float:
-    if job.trainer.name != "add_epsilon":
+    if job.trainer.name != BUILTIN_TRAINER:
         raise PocFailure(
             f"{source}: fl-poc can only verify add_epsilon jobs, not {job.trainer.name!r}"
         )
-    value = job.trainer.params.get("epsilon", ADD_EPSILON_DEFAULT)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PocFailure(f"{source}: trainer.params.epsilon must be a number (got {value!r})")
-    return float(value)
+    # the job's schema has already checked the parameters; this fills in the defaults
+    return AddEpsilonParams.model_validate(job.trainer.params).epsilon
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str, procs: Processes) -> None:
@@ -293,7 +295,7 @@ async def run_job(
     procs = watch.procs
     await wait_healthy(a.session, a.base_url, procs)
     for site, config in client_configs.items():
-        procs.start(site, "fl_client", config)
+        await asyncio.to_thread(procs.start, site, "fl_client", config)
     job_id = (await api.submit(a, job)).job_id
     print(f"{PROG}: submitted job {job_id} ({job.name})", flush=True)
     return await api.wait_for_job(a, job_id, watch)
@@ -338,11 +340,17 @@ def verify_models(initial: Path, final: Path, rounds: int, epsilon: float) -> in
 
 async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> str:
     """The whole run up to the verified result; returns the summary's details."""
-    job = parse_config(load_yaml(args.job), JobConfig, source=str(args.job))
-    epsilon = epsilon_of(job, args.job)
+    job_file: Path | None = args.job
+    if job_file is None:
+        with importlib.resources.as_file(DEFAULT_JOB) as job_file:
+            raw_job = await asyncio.to_thread(load_yaml, job_file)
+    else:
+        raw_job = await asyncio.to_thread(load_yaml, job_file)
+    job = parse_config(raw_job, JobConfig, source=str(job_file))
+    epsilon = epsilon_of(job, job_file)
     port = free_port()
     pki = None if args.insecure else await asyncio.to_thread(provision_project, workspace, port)
-    server_config, client_configs = write_configs(workspace, port, pki)
+    server_config, client_configs = await asyncio.to_thread(write_configs, workspace, port, pki)
     admin_settings: dict[str, Any] = {"server_url": f"http://127.0.0.1:{port}"}
     if pki is not None:
         admin_settings = {
@@ -352,7 +360,7 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
     admin = parse_config(admin_settings, AdminConfig, source=PROG)
     mode = "plain HTTP (--insecure)" if pki is None else "mutual TLS"
     print(f"{PROG}: workspace {workspace}, server {admin.server_url}, {mode}", flush=True)
-    procs.start("server", "fl_server", server_config)
+    await asyncio.to_thread(procs.start, "server", "fl_server", server_config)
     async with make_session(identity=None, tls=admin.tls) as session:
         a = Api(session, admin.server_url, admin.timeouts)
         display = render.make_display(render.choose_mode(False, sys.stdout), sys.stdout)
@@ -370,7 +378,7 @@ async def drive(args: argparse.Namespace, workspace: Path, procs: Processes) -> 
         if info.round != job.num_rounds:
             raise PocFailure(f"job finished after {info.round} of {job.num_rounds} rounds")
         out = workspace / "verify"
-        out.mkdir()
+        await asyncio.to_thread(out.mkdir)
         initial, final = out / "initial.safetensors", out / "final.safetensors"
         await api.download_model(a, info.job_id, initial, round=0)
         await api.download_model(a, info.job_id, final, round=job.num_rounds)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.config import BUILTIN_TRAINER, MIB, AddEpsilonParams, TrainerSpec
-from common.errors import ConfigError, FLError
+from common.errors import FLError
 from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import element_window
 
@@ -76,16 +76,36 @@ class AddEpsilon:
 
 
 def load_trainer(spec: TrainerSpec) -> Trainer:
-    if spec.name == BUILTIN_TRAINER:
-        return AddEpsilon(spec.params)
-    module_name, _, attr = spec.name.partition(":")
+    """The trainer the task names; any failure to get one is this site's ``TrainerFailed``.
+
+    A plugin that cannot be imported (missing, or raising at import), a factory that
+    raises, and a factory returning something without ``train()`` all fail the task on
+    this site only: the daemon reports it to the server, which goes on with the other
+    sites or fails the round by quorum. None of them is fixed by trying again.
+    """
+    name = spec.name
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"trainer {spec.name!r} cannot be loaded on this site: {exc}", field="trainer.name"
-        ) from None
-    trainer = factory(spec.params)
+        if name == BUILTIN_TRAINER:
+            return AddEpsilon(spec.params)
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise TrainerFailed(
+                f"trainer {name!r} cannot be loaded on this site: {exc}", field="trainer.name"
+            ) from None
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise TrainerFailed(
+                f"trainer {name!r} cannot be loaded on this site: module {module_name!r} "
+                f"has no callable {attr!r}",
+                field="trainer.name",
+            )
+        trainer = factory(spec.params)
+    except TrainerFailed:
+        raise
+    except Exception as exc:
+        raise TrainerFailed(f"trainer {name!r} could not be set up: {exc!r}") from exc
     if not callable(getattr(trainer, "train", None)):
-        raise ConfigError(f"trainer {spec.name!r}: factory did not return an object with train()")
+        raise TrainerFailed(f"trainer {name!r}: its factory returned {trainer!r}, without train()")
     return trainer  # type: ignore[no-any-return]

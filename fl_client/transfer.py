@@ -3,7 +3,8 @@
 Downloads: each segment is one HTTP range request, written straight to its offset in
 ``<model>.part`` through ``common.streams``; its digest is checked against the task's
 manifest and the segment is recorded in a journal file. After a broken connection or a
-restart only segments not in the (re-verified) journal are fetched again.
+restart only segments not in the journal are fetched again; the journal's segments are
+re-hashed from disk once per process (``Verified``), not on every retry.
 
 Uploads: each segment is one streamed PUT whose answer is the server's acknowledgement
 (its digest of what it stored). Before sending, the client asks the server which
@@ -19,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -52,12 +54,15 @@ from common.wire import (
     TaskFailure,
     UploadStatus,
 )
-from fl_client.http import Api, raise_for_error, transport_error
+from fl_client.http import Api, parse_reply, raise_for_error, read_bounded, transport_error
 from fl_client.metrics import ClientMetrics, Direction
+from fl_client.storage import is_disk_error, on_disk, storage_error
+from fl_client.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]
 RETRY_PAUSE_S = 0.5
+ACK_MAX_BYTES = 4096  # a segment's acknowledgement is ~150 bytes of JSON
 
 
 def _retryable(err: FLError) -> bool:
@@ -151,15 +156,19 @@ def _journal_read(path: Path) -> dict[int, str]:
 
 
 def _journal_append(path: Path, index: int, digest: str) -> None:
-    with open(path, "a") as f:
+    with on_disk("download journal", path, "append to"), open(path, "a") as f:
         f.write(f"{index} {digest}\n")
 
 
-def _prepare_part(part: Path, size: int) -> None:
-    part.parent.mkdir(parents=True, exist_ok=True)
-    with open(part, "ab") as f:
-        if os.fstat(f.fileno()).st_size != size:
+def _prepare_part(part: Path, size: int) -> bool:
+    """Make ``part`` a file of ``size`` bytes; True if it was one already (a resume)."""
+    with on_disk("download", part, "create"):
+        part.parent.mkdir(parents=True, exist_ok=True)
+        with open(part, "ab") as f:
+            if os.fstat(f.fileno()).st_size == size:
+                return True
             f.truncate(size)
+            return False
 
 
 def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
@@ -175,6 +184,19 @@ def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
     return {i for i in claimed if actual.get(i) == man.segment_digests[i]}
 
 
+@dataclass
+class Verified:
+    """The segments of one download known to be right in ``<model>.part``, in this process.
+
+    ``segments`` is None until a first pass reads the journal and re-hashes what it
+    lists (the file may have changed while no process watched it); from then on each
+    segment this process fetched and checked is added, and later passes of the same
+    download (retries after a fault) trust the set instead of reading the model back.
+    """
+
+    segments: set[int] | None = None
+
+
 async def download_model(
     api: Api,
     url_path: str,
@@ -184,20 +206,36 @@ async def download_model(
     progress: Progress,
     stopping: asyncio.Event,
     metrics: ClientMetrics | None = None,
+    verified: Verified | None = None,
 ) -> None:
-    """Fetch the model into ``dest`` (resuming a previous partial download)."""
+    """Fetch the model into ``dest`` (resuming a previous partial download).
+
+    Pass the same ``verified`` to every attempt at one download in this process.
+    """
     if await asyncio.to_thread(dest.exists):
         return
+    verified = verified if verified is not None else Verified()
     part = dest.with_name(dest.name + ".part")
     journal = dest.with_name(dest.name + ".segments")
-    await asyncio.to_thread(_prepare_part, part, man.file_size)
-    done = await asyncio.to_thread(_verified_segments, part, journal, man)
+    if not await asyncio.to_thread(_prepare_part, part, man.file_size):
+        verified.segments = None  # a new or resized file: nothing in it can be trusted
+    if verified.segments is None:
+        # re-hashing up to a whole model: a stop must not wait for it (it only reads)
+        verified.segments = await run_unjoined(
+            "download check", functools.partial(_verified_segments, part, journal, man)
+        )
+        how = "checked on disk"
+    else:
+        how = "verified earlier by this process"
+    known = verified.segments
+    done = set(known)
     if done:
         log.info(
-            "download of %s resumes: %d of %d segments on disk",
+            "download of %s resumes: %d of %d segments on disk (%s)",
             dest.name,
             len(done),
             man.num_segments,
+            how,
         )
     progress(
         sum(
@@ -239,7 +277,13 @@ async def download_model(
                         read_timeout_s=timeouts.streaming_read_timeout,
                         batch_bytes=settings.io_chunk_bytes,
                     )
-            except (aiohttp.ClientError, OSError) as exc:
+            except aiohttp.ClientError as exc:
+                raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
+            except OSError as exc:
+                # the disk writer's own failure (full, read-only) is not the network's:
+                # fetching the segment again would only fail the same way
+                if is_disk_error(exc):
+                    raise storage_error(exc, "download", part, "write") from exc
                 raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if digest != man.segment_digests[index]:
             raise IntegrityError(
@@ -247,6 +291,7 @@ async def download_model(
             )
         async with journal_lock:
             await asyncio.to_thread(_journal_append, journal, index, digest)
+        known.add(index)
         if metrics is not None:
             metrics.segment_moved(Direction.DOWNLOAD, end - start, time.monotonic() - started)
         progress(end - start)
@@ -278,8 +323,8 @@ async def upload_update(
     progress: Progress,
     stopping: asyncio.Event,
     metrics: ClientMetrics | None = None,
-) -> UploadStatus:
-    """Send the update's segments the server does not hold yet; return the final status."""
+) -> None:
+    """Send the update's segments the server does not hold yet."""
     status = await api.call("GET", UPLOAD_STATUS.format(task_id=task_id), UploadStatus)
     assert status is not None
     if status.file_size != man.file_size or status.segment_bytes != man.segment_bytes:
@@ -321,7 +366,8 @@ async def upload_update(
                 ) as resp:
                     timer.enter(Stage.RECEIVING, timeouts.communication_timeout)
                     await raise_for_error(resp)
-                    ack = SegmentAck.model_validate_json(await resp.read())
+                    raw = await read_bounded(resp, ACK_MAX_BYTES, what, timer)
+                ack = parse_reply(SegmentAck, raw, what)
             except (aiohttp.ClientError, OSError) as exc:
                 raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if ack.digest != man.segment_digests[index] or (ack.start, ack.end) != (start, end):
@@ -344,7 +390,6 @@ async def upload_update(
         ),
         stopping,
     )
-    return status
 
 
 async def commit_update(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -354,10 +355,62 @@ PUT_SEGMENT = r"^PUT /v1/tasks/\S+/upload/\d+ "
 GET_MODEL = r"^GET /v1/tasks/\S+/model "
 
 
+# a site that reports and retries at once, so that a fault test sees it react quickly
+FAST_SITE: dict[str, Any] = {"heartbeat_interval_s": 0.5, "retry_backoff_max_s": 1.0}
+
+
+def start_site(cluster: Cluster, name: str, *, via: str | None = None, **extra: Any) -> Proc:
+    """Start client ``name`` with ``FAST_SITE`` settings (``extra`` wins), talking to the
+    server through the proxy at ``via`` when given."""
+    settings = {**FAST_SITE, **({"server_url": via} if via is not None else {}), **extra}
+    return cluster.start_client(name, **settings)
+
+
 def log_text(cluster: Cluster, name: str) -> str:
     """The whole log so far of the server (``"server"``) or of the client ``name``."""
     path = cluster.root / f"{name}.log"
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_log(
+    cluster: Cluster, name: str, pattern: str, *, after: int = 0, timeout: float = 20.0
+) -> re.Match[str]:
+    """The first match of ``pattern`` in the log of ``name`` past byte ``after``, waiting
+    up to ``timeout`` seconds for it to appear."""
+    found: list[re.Match[str]] = []
+
+    def seen() -> bool:
+        m = re.search(pattern, log_text(cluster, name)[after:])
+        if m:
+            found.append(m)
+        return m is not None
+
+    cluster.wait_for(seen, timeout, f"{pattern!r} in the log of {name}")
+    return found[0]
+
+
+def in_phase(
+    cluster: Cluster, job_id: str, site: str, phase: str, rnd: int = 1, *, moved: int = 1
+) -> bool:
+    """Whether ``site``'s task of round ``rnd`` is in ``phase`` with ``moved`` bytes done."""
+    tasks = tasks_of(cluster.status(job_id), site, rnd)
+    return bool(tasks) and tasks[0]["phase"] == phase and tasks[0]["bytes_done"] >= moved
+
+
+def command(module: str, *args: str) -> list[str]:
+    """The real command ``python -m <module> <args>``: what the console scripts run."""
+    return [sys.executable, "-m", module, *args]
+
+
+def run(module: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end from the checkout; its output as text."""
+    return subprocess.run(
+        command(module, *args), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def fl_admin(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return run("fl_client.admin", *args, timeout=timeout)
 
 
 def kill(cluster: Cluster, name: str) -> None:

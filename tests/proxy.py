@@ -29,8 +29,10 @@ stalls and throttles apply at once to bytes still to come, also on open connecti
 Rules are replaced as a whole at run time; removing a rule lifts its stall at once.
 
 Counters: bytes forwarded per direction, connections, requests (with their request
-lines), cuts, corruptions, pumps stalled right now, and per rule how many messages it
-claimed and how often it fired.
+lines), body bytes forwarded per direction and request line (decoded: no head, no
+chunk framing; a response counts under the line of its request), cuts, corruptions,
+pumps stalled right now, and per rule how many messages it claimed and how often it
+fired.
 
 Two ways to run it, with the same control API (``set_faults``, ``clear_faults``,
 ``stats``, ``reset_stats``, ``stop``):
@@ -142,6 +144,7 @@ class ProxyStats:
     stalled: int
     request_lines: list[str]
     rules: list[dict[str, Any]]
+    body_bytes: dict[str, dict[str, int]]  # direction -> request line -> body bytes
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProxyStats:
@@ -156,12 +159,19 @@ class ProxyStats:
             stalled=data["stalled"],
             request_lines=list(data["request_lines"]),
             rules=list(data["rules"]),
+            body_bytes={d: dict(lines) for d, lines in data["body_bytes"].items()},
         )
 
     def count(self, pattern: str) -> int:
         """Requests whose line matches ``pattern`` (a regular expression)."""
         rx = re.compile(pattern)
         return sum(1 for line in self.request_lines if rx.search(line))
+
+    def body(self, pattern: str, direction: Literal["up", "down"]) -> int:
+        """Body bytes forwarded in ``direction`` for requests whose line matches ``pattern``:
+        ``up`` the requests' bodies, ``down`` their responses' bodies; cut ones included."""
+        rx = re.compile(pattern)
+        return sum(n for line, n in self.body_bytes[direction].items() if rx.search(line))
 
 
 # HTTP/1.1 framing, one direction of one connection
@@ -358,6 +368,11 @@ class FaultProxy:
         self.corruptions = 0
         self.stalled = 0
         self.request_lines: collections.deque[str] = collections.deque(maxlen=REQUEST_LINES_KEPT)
+        # one entry per distinct request line: a test's handful of tasks and segments
+        self.body_bytes: dict[str, collections.Counter[str]] = {
+            "up": collections.Counter(),
+            "down": collections.Counter(),
+        }
         for a in self._rules:
             a.claimed = a.fired = 0
 
@@ -371,6 +386,7 @@ class FaultProxy:
             "corruptions": self.corruptions,
             "stalled": self.stalled,
             "request_lines": list(self.request_lines),
+            "body_bytes": {d: dict(lines) for d, lines in self.body_bytes.items()},
             "rules": [
                 {
                     "rule": a.rule.model_dump(exclude_defaults=True),
@@ -580,6 +596,8 @@ class FaultProxy:
             writer.write(chunk)
             await writer.drain()
             self.bytes[direction] += n
+            if piece.body_at is not None:
+                self.body_bytes[direction][msg.line] += n
             msg.sent += n
             data = data[n:]
 

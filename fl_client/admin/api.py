@@ -3,7 +3,11 @@
 Small replies go through ``Api.call``; list replies use ``RootModel`` wrappers so they
 validate the same way. The model download is the one call that moves bulk bytes: it
 streams the body to ``FILE.part`` in batches written from a thread, so memory stays at
-one batch whatever the model size, and only a complete file is renamed into place.
+one batch whatever the model size, and only a checked file is renamed into place. The
+check reads the file's safetensors header (and nothing else): it must parse and
+describe exactly the bytes received, which must be the job's model size as the server
+reports it. The admin routes carry no digest of the model, so a byte changed inside
+the tensor data would go unnoticed here; TLS protects it on the way.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from pydantic import RootModel
 
 from common import wire
 from common.config import JobConfig
-from common.errors import FLError, ProtocolError, TransferError
+from common.errors import ModelFormatError, ProtocolError, StorageError, TransferError
+from common.modelio import read_layout
 from common.timeouts import ProgressTimer, Stage
+from fl_client.admin.progress import TERMINAL
 from fl_client.http import Api, raise_for_error, transport_error
 
 BATCH_BYTES = 4 * 1024 * 1024
 POLL_S = 0.5
-TERMINAL_STATES = frozenset({wire.JobState.FINISHED, wire.JobState.FAILED, wire.JobState.ABORTED})
 
 T = TypeVar("T")
 
@@ -88,7 +93,7 @@ async def wait_for_job(
     while True:
         status = await job_status(api, job_id)
         on_status(status)
-        if status.job.state in TERMINAL_STATES:
+        if status.job.state in TERMINAL:
             return status
         await asyncio.sleep(poll_s)
 
@@ -117,6 +122,7 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
     part = dest.with_name(dest.name + ".part")
     what = f"GET {path}"
     timeout = api.timeouts.communication_timeout
+    model_bytes = (await job_status(api, job_id)).job.model_bytes  # 0: not known yet
     file = await asyncio.to_thread(_open_part, part)
     try:
         async with (
@@ -125,11 +131,11 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
         ):
             t.enter(Stage.RECEIVING, timeout)
             await raise_for_error(resp)
-            written = await _stream_body(resp, file, part, t)
+            written = await _stream_body(resp, file, part, t, model_bytes or None, what)
             expected = resp.content_length
         if expected is not None and written != expected:
             raise TransferError(f"{what}: body ended after {written} of {expected} bytes")
-        await asyncio.to_thread(_finish, file, part, dest)
+        await asyncio.to_thread(_finish, file, part, dest, model_bytes, what)
     except BaseException as exc:
         # A close and an unlink: done inline so a second cancellation cannot skip them.
         _discard(file, part)
@@ -142,13 +148,23 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
 
 
 async def _stream_body(
-    resp: aiohttp.ClientResponse, file: BinaryIO, part: Path, timer: ProgressTimer
+    resp: aiohttp.ClientResponse,
+    file: BinaryIO,
+    part: Path,
+    timer: ProgressTimer,
+    limit: int | None,
+    what: str,
 ) -> int:
+    """Write the body to ``file``; more than ``limit`` bytes is not the job's model."""
     written = 0
     batch = bytearray()
     async for chunk in resp.content.iter_any():
         timer.progress(len(chunk))
         batch += chunk
+        if limit is not None and written + len(batch) > limit:
+            raise ModelFormatError(
+                f"{what}: the server sent more than the {limit} bytes of the job's model"
+            )
         if len(batch) >= BATCH_BYTES:
             await asyncio.to_thread(_write, file, part, batch)
             written += len(batch)
@@ -163,24 +179,38 @@ def _open_part(part: Path) -> BinaryIO:
     try:
         return open(part, "wb")  # closed by _finish or _discard
     except OSError as exc:
-        raise FLError(f"{part}: cannot create: {exc.strerror}") from None
+        raise StorageError(f"{part}: cannot create: {exc.strerror}") from None
 
 
 def _write(file: BinaryIO, part: Path, data: bytearray) -> None:
     try:
         file.write(data)
     except OSError as exc:
-        raise FLError(f"{part}: cannot write: {exc.strerror}") from None
+        raise StorageError(f"{part}: cannot write: {exc.strerror}") from None
 
 
-def _finish(file: BinaryIO, part: Path, dest: Path) -> None:
+def _check_model(part: Path, model_bytes: int, what: str) -> None:
+    """The file is a whole safetensors model of the job's size (its header says so)."""
+    try:
+        layout = read_layout(part)  # also: the header describes exactly the file's bytes
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{what}: the downloaded file is not a whole model: {exc}") from None
+    if model_bytes and layout.file_size != model_bytes:
+        raise ModelFormatError(
+            f"{what}: the downloaded model has {layout.file_size} bytes; the job's model "
+            f"has {model_bytes}"
+        )
+
+
+def _finish(file: BinaryIO, part: Path, dest: Path, model_bytes: int, what: str) -> None:
     try:
         file.flush()
         os.fsync(file.fileno())
         file.close()
+        _check_model(part, model_bytes, what)
         os.replace(part, dest)
     except OSError as exc:
-        raise FLError(f"{dest}: cannot save the download: {exc.strerror}") from None
+        raise StorageError(f"{dest}: cannot save the download: {exc.strerror}") from None
 
 
 def _discard(file: BinaryIO, part: Path) -> None:

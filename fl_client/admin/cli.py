@@ -14,13 +14,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 from rich.console import Console
 
-from common import wire
+from common import humanize, wire
 from common.config import AdminConfig, JobConfig, load_config, load_yaml, parse_config
 from common.errors import ConfigError, FLError, TransferError
 from fl_client.admin import api, render
@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the model after round N (0: initial; default: latest)",
     )
-    p = sub.add_parser("wait", help="wait for a job to end; exit 0 only if it finished")
+    p = sub.add_parser(
+        "wait",
+        help="wait for a job to end; exit 0 only if it finished",
+        description=(
+            "Wait until the job ends, printing each round as it starts (nothing with --json, "
+            "then the final status). An unreachable server (a restart) is retried. Exit code "
+            "0 if the job finished, 1 if it failed or was aborted."
+        ),
+    )
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     sub.add_parser("clients", help="list connected sites")
@@ -107,30 +115,13 @@ def print_json(reply: BaseModel) -> None:
     print(reply.model_dump_json(indent=2))
 
 
-def size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 def clock(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = [headers, *rows]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
-
-
 def job_row(j: wire.JobInfo) -> list[str]:
     rounds = f"{j.round}/{j.num_rounds}"
-    return [j.job_id, j.name, j.state, rounds, size(j.model_bytes), clock(j.updated_at)]
+    return [j.job_id, j.name, j.state, rounds, humanize.size(j.model_bytes), clock(j.updated_at)]
 
 
 def client_row(c: wire.ClientInfo) -> list[str]:
@@ -157,7 +148,7 @@ async def cmd_list(a: Api, args: argparse.Namespace) -> int:
         print_json(jobs)
         return 0
     rows = [job_row(j) for j in jobs.root]
-    print(table(["JOB_ID", "NAME", "STATE", "ROUND", "MODEL", "UPDATED"], rows))
+    print(render.plain_table(["JOB_ID", "NAME", "STATE", "ROUND", "MODEL", "UPDATED"], rows))
     return 0
 
 
@@ -228,7 +219,7 @@ async def cmd_download(a: Api, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"path": str(args.output), "bytes": written}))
     else:
-        print(f"wrote {written} bytes ({size(written)}) to {args.output}")
+        print(f"wrote {written} bytes ({humanize.size(written)}) to {args.output}")
     return 0
 
 
@@ -239,7 +230,7 @@ async def cmd_wait(a: Api, args: argparse.Namespace) -> int:
     on_status = ignore if args.json else api.RoundProgress()
     try:
         async with asyncio.timeout(args.timeout):
-            status = await api.wait_for_job(a, args.job_id, on_status)
+            status = await _follow(a, args.job_id, on_status, api.POLL_S)
     except TimeoutError:
         raise FLError(f"job {args.job_id} has not ended after {args.timeout:g} s") from None
     job = status.job
@@ -259,7 +250,7 @@ async def cmd_clients(a: Api, args: argparse.Namespace) -> int:
         print_json(clients)
         return 0
     rows = [client_row(c) for c in clients.root]
-    print(table(["NAME", "ALIVE", "PHASE", "TASK", "LAST SEEN"], rows))
+    print(render.plain_table(["NAME", "ALIVE", "PHASE", "TASK", "LAST SEEN"], rows))
     return 0
 
 

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster
+from tests.proxy import ProxyProcess
+
+# Small kernel socket buffers on both sides of the proxy: a stall, a cut or a throttle
+# then acts on bytes close to where the test says, not a few hundred KiB later.
+PROXY_SOCK_BUFFER = 64 * 1024
 
 
 def _cluster(tmp_path: Path, request: pytest.FixtureRequest, *, tls: bool) -> Iterator[Cluster]:
@@ -27,6 +32,14 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
 def tls_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The same with a project provisioned for the test: mutual TLS everywhere."""
     yield from _cluster(tmp_path, request, tls=True)
+
+
+@pytest.fixture
+def proxy(cluster: Cluster) -> Iterator[ProxyProcess]:
+    """A fault-injecting proxy in front of the cluster's server (``tests.proxy``)."""
+    p = ProxyProcess.start(cluster.port, cluster.root, sock_buffer=PROXY_SOCK_BUFFER)
+    yield p
+    p.stop()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

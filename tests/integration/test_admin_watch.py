@@ -7,13 +7,11 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.cluster import REPO, Cluster, kill, small_job
+from tests.cluster import REPO, Cluster, command, fl_admin, kill, small_job
 
 pytestmark = pytest.mark.integration
 
@@ -21,17 +19,9 @@ ROUNDS = 2
 FAST_SITE = {"heartbeat_interval_s": 0.2}
 
 
-FL_ADMIN = Path(sys.executable).parent / "fl-admin"  # the installed console script
-
-
 def admin(cluster: Cluster, *args: str) -> list[str]:
-    return [str(FL_ADMIN), "--server", cluster.url, *args]
-
-
-def run_admin(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        admin(cluster, *args), cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    """``fl-admin`` against this cluster's server."""
+    return command("fl_client.admin", "--server", cluster.url, *args)
 
 
 def start_job(cluster: Cluster, **job: object) -> str:
@@ -43,7 +33,7 @@ def start_job(cluster: Cluster, **job: object) -> str:
 
 def test_watch_json_lines_until_finished(cluster: Cluster) -> None:
     job_id = start_job(cluster, tensors=16)
-    out = run_admin(cluster, "--json", "watch", job_id, "--interval", "0.1")
+    out = fl_admin("--server", cluster.url, "--json", "watch", job_id, "--interval", "0.1")
     assert out.returncode == 0, out.stdout + out.stderr + cluster.logs()
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) >= 2
@@ -68,7 +58,7 @@ def test_watch_json_lines_until_finished(cluster: Cluster) -> None:
 
 def test_watch_plain_lines_and_status(cluster: Cluster) -> None:
     job_id = start_job(cluster)
-    out = run_admin(cluster, "watch", job_id, "--interval", "0.1")
+    out = fl_admin("--server", cluster.url, "watch", job_id, "--interval", "0.1")
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"job {job_id} (test-job): ")
@@ -77,7 +67,7 @@ def test_watch_plain_lines_and_status(cluster: Cluster) -> None:
         assert any(line.startswith(f"  round {ROUNDS} {site} done ") for line in lines), lines
     assert "\x1b[" not in out.stdout  # no terminal codes in a pipe
 
-    status = run_admin(cluster, "status", job_id)
+    status = fl_admin("--server", cluster.url, "status", job_id)
     assert status.returncode == 0, status.stderr
     text = status.stdout.splitlines()
     assert text[0] == f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds"
@@ -148,26 +138,34 @@ def test_watch_draws_bars_on_a_terminal(cluster: Cluster) -> None:
     assert "SITE" in text and "RATE" in text and "ETA" in text
 
 
-def test_watch_rides_out_a_server_restart(cluster: Cluster) -> None:
+@pytest.mark.parametrize("command", ["watch", "wait"])
+def test_watch_and_wait_ride_out_a_server_restart(cluster: Cluster, command: str) -> None:
     cluster.start_server()
     cluster.start_client("site-1", **FAST_SITE)
     job_id = cluster.submit(small_job(rounds=ROUNDS, clients=2))  # waits for site-2
-    watch = subprocess.Popen(
-        admin(cluster, "watch", job_id, "--interval", "0.1"),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = ["watch", job_id, "--interval", "0.1"] if command == "watch" else ["wait", job_id]
+    out, err = cluster.root / f"{command}.out", cluster.root / f"{command}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(admin(cluster, *args), cwd=REPO, stdout=stdout, stderr=stderr)
     try:
-        cluster.wait_for(lambda: cluster.status(job_id)["job"]["state"] == "running")
+        # its first line: fl-admin is up and following the job before the server goes
+        cluster.wait_for(lambda: out.read_text() != "", 60, f"fl-admin {command} to report")
         kill(cluster, "server")
-        time.sleep(3.0)  # the watch finds no server, and keeps going
-        assert watch.poll() is None
+        cluster.wait_for(
+            lambda: "retrying in 2 s" in err.read_text(), 60, f"fl-admin {command} to retry"
+        )
+        assert proc.poll() is None  # it keeps going
         cluster.start_server()
         cluster.start_client("site-2", **FAST_SITE)
+        proc.wait(120)
     finally:
-        stdout, stderr = watch.communicate(timeout=120)
-    assert watch.returncode == 0, stdout + stderr + cluster.logs()
-    assert "retrying in 2 s" in stderr
-    assert f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds" in stdout
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout_text, stderr_text = out.read_text(), err.read_text()
+    assert proc.returncode == 0, stdout_text + stderr_text + cluster.logs()
+    finished = {
+        "watch": f"job {job_id} (test-job): finished after {ROUNDS} of {ROUNDS} rounds",
+        "wait": f"job {job_id}: finished after {ROUNDS}/{ROUNDS} rounds",
+    }[command]
+    assert finished in stdout_text.splitlines(), stdout_text

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cluster import REPO, Cluster, small_job
+from tests.cluster import Cluster, fl_admin, run, small_job
 
 pytestmark = pytest.mark.integration
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
 
 
 def _says(out: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
@@ -56,24 +49,42 @@ def test_daemons_refuse_a_bad_config(
 ) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    _says(_run(module, "--config", str(path)), 2, str(path), *words)
+    _says(run(module, "--config", str(path)), 2, str(path), *words)
 
 
 @pytest.mark.parametrize("module", ["fl_server", "fl_client"])
 def test_daemons_refuse_a_missing_config(tmp_path: Path, module: str) -> None:
     path = tmp_path / "nowhere.yaml"
-    _says(_run(module, "--config", str(path)), 2, str(path), "file not found")
+    _says(run(module, "--config", str(path)), 2, str(path), "file not found")
 
 
 def test_admin_refuses_a_bad_job_file_before_sending_it(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_server()
     job = tmp_path / "job.yaml"
     job.write_text("name: j\nnum_rounds: 0\nmin_clients: 1\nmodel: {kind: generated}\n")
-    out = _run("fl_client.admin", "--server", cluster.url, "submit", str(job))
+    out = fl_admin("--server", cluster.url, "submit", str(job))
     _says(out, 2, str(job), "num_rounds", "greater than 0", "model.num_tensors", "required")
     assert cluster.get("/v1/admin/jobs") == []
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(small_job(rounds=1, clients=1)))
-    out = _run("fl_client.admin", "--server", cluster.url, "submit", str(good))
+    out = fl_admin("--server", cluster.url, "submit", str(good))
     assert out.returncode == 0, out.stderr
     assert [j["job_id"] for j in cluster.get("/v1/admin/jobs")] == [out.stdout.strip()]
+
+
+def test_client_says_why_its_workspace_cannot_be_created(tmp_path: Path) -> None:
+    # a regular file where a folder must go: refused for root as well as for anyone else
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    workspace = blocker / "workspace"
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "site-1", "server_url": "http://127.0.0.1:9", "workspace": str(workspace)}
+        )
+    )
+    out = run("fl_client", "--config", str(path))
+    _says(out, 1)
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fl-client: workspace {workspace}"), out.stderr
+    assert last.endswith("cannot create: Not a directory"), out.stderr

@@ -8,11 +8,12 @@ must outlive them many times over, one that stops must fail within about one of 
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
 import re
+import resource
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,10 +23,13 @@ from tests.cluster import (
     PUT_SEGMENT,
     Cluster,
     assert_exact_model,
+    in_phase,
     kill,
     log_text,
     small_job,
+    start_site,
     tasks_of,
+    wait_log,
 )
 from tests.proxy import ProxyProcess, ProxyThread, Rule
 
@@ -43,32 +47,6 @@ SLOW_TRAINER = {
     "params": {"sleep_s": 0.4, "epsilon": 0.001},
 }
 NO_PROGRESS = re.compile(r"no progress for (\S+) s while (\w+)")
-
-
-@pytest.fixture
-def proxy(cluster: Cluster) -> Iterator[ProxyProcess]:
-    p = ProxyProcess.start(cluster.port, cluster.root, sock_buffer=64 * 1024)
-    yield p
-    p.stop()
-
-
-def _client(cluster: Cluster, name: str, **extra: Any) -> None:
-    settings: dict[str, Any] = {"heartbeat_interval_s": 0.5, "retry_backoff_max_s": 1.0}
-    settings.update(extra)
-    cluster.start_client(name, **settings)
-
-
-def _wait_log(cluster: Cluster, name: str, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-    found: list[re.Match[str]] = []
-
-    def seen() -> bool:
-        m = re.search(pattern, log_text(cluster, name))
-        if m:
-            found.append(m)
-        return m is not None
-
-    cluster.wait_for(seen, timeout, f"{pattern!r} in the log of {name}")
-    return found[0]
 
 
 def test_proxy_counts_cuts_corrupts_throttles_and_stalls(cluster: Cluster) -> None:
@@ -89,6 +67,8 @@ def test_proxy_counts_cuts_corrupts_throttles_and_stalls(cluster: Cluster) -> No
         st = px.stats()
         assert (st.connections, st.requests, st.count("^GET /v1/health ")) == (1, 1, 1)
         assert st.bytes_up > 0 and st.bytes_down > len(b'{"status": "ok"}')
+        assert st.body("^GET /v1/health ", "down") == len(b'{"status": "ok"}')
+        assert st.body("^GET /v1/health ", "up") == 0  # a GET has a head only
 
         px.set_faults(Rule(match="health", direction="down", corrupt_at_byte=2))
         assert get("/v1/health") == (200, b'{"\x8ctatus": "ok"}')
@@ -134,10 +114,10 @@ def test_slow_transfers_outlast_the_timeouts_without_error(
     cluster.server_extra["timeouts"] = timeouts
     cluster.start_server()
     proxy.set_faults(Rule(direction="both", throttle_bps=256 * 1024))
-    _client(
+    start_site(
         cluster,
         "site-1",
-        server_url=proxy.url,
+        via=proxy.url,
         timeouts=timeouts,
         transfer={"window": 1, "io_chunk_kib": 64},
     )
@@ -171,7 +151,7 @@ def test_slow_answers_within_communication_timeout_are_no_error(
             for m in (r"^GET /v1/clients/\S+/task", GET_MODEL, PUT_SEGMENT, r"/commit ")
         )
     )
-    _client(cluster, "site-1", server_url=proxy.url, timeouts=timeouts, transfer={"window": 2})
+    start_site(cluster, "site-1", via=proxy.url, timeouts=timeouts, transfer={"window": 2})
     job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
     status = cluster.wait_job(job_id, timeout=60)
     assert status["job"]["state"] == "finished", cluster.logs()
@@ -188,10 +168,10 @@ def test_stalled_transfers_fail_fast_naming_the_stage_then_resume(
     cluster.server_extra["timeouts"] = TIMEOUTS
     cluster.start_server()
     proxy.set_faults(Rule(match=GET_MODEL, direction="down", stall=True, after_bytes=300_000))
-    _client(
+    start_site(
         cluster,
         "site-1",
-        server_url=proxy.url,
+        via=proxy.url,
         timeouts=TIMEOUTS,
         transfer={"window": 2, "io_chunk_kib": 64},
     )
@@ -200,7 +180,7 @@ def test_stalled_transfers_fail_fast_naming_the_stage_then_resume(
     # the download stalls: the client's receiving timer fires after about 1 s
     cluster.wait_for(lambda: proxy.stats().stalled > 0, 30, "the download to stall")
     stalled_at = time.monotonic()
-    m = _wait_log(cluster, "site-1", r"download of segment \d+ .*" + NO_PROGRESS.pattern)
+    m = wait_log(cluster, "site-1", r"download of segment \d+ .*" + NO_PROGRESS.pattern)
     assert time.monotonic() - stalled_at <= TIMEOUT_S + 1.5
     assert float(m.group(1)) == TIMEOUT_S and m.group(2) == "receiving"
     assert cluster.status(job_id)["job"]["state"] == "running"
@@ -209,10 +189,10 @@ def test_stalled_transfers_fail_fast_naming_the_stage_then_resume(
     proxy.set_faults(Rule(match=PUT_SEGMENT, direction="up", stall=True, after_bytes=300_000))
     cluster.wait_for(lambda: proxy.stats().stalled > 0, 30, "the upload to stall")
     stalled_at = time.monotonic()
-    m = _wait_log(cluster, "server", r"segment \d+ of task \S+ .*" + NO_PROGRESS.pattern)
+    m = wait_log(cluster, "server", r"segment \d+ of task \S+ .*" + NO_PROGRESS.pattern)
     assert time.monotonic() - stalled_at <= TIMEOUT_S + 1.5
     assert float(m.group(1)) == TIMEOUT_S and m.group(2) in STAGE_WORDS
-    m = _wait_log(cluster, "site-1", r"segment \d+ of task .*" + NO_PROGRESS.pattern)
+    m = wait_log(cluster, "site-1", r"segment \d+ of task .*" + NO_PROGRESS.pattern)
     assert m.group(2) in STAGE_WORDS
 
     proxy.clear_faults()
@@ -227,16 +207,16 @@ def test_client_survives_a_stall_longer_than_all_segment_attempts(
     cluster.server_extra["timeouts"] = TIMEOUTS
     cluster.start_server()
     proxy.set_faults(Rule(match=GET_MODEL, direction="down", stall=True, after_bytes=300_000))
-    _client(
+    start_site(
         cluster,
         "site-1",
-        server_url=proxy.url,
+        via=proxy.url,
         timeouts=TIMEOUTS,
         transfer={"window": 2, "max_segment_attempts": 2, "io_chunk_kib": 64},
     )
     job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
     # both tries time out in the receiving stage; the client keeps the task to resume
-    _wait_log(cluster, "site-1", r"gave up after 2 attempts: .*no progress .* will resume")
+    wait_log(cluster, "site-1", r"gave up after 2 attempts: .*no progress .* will resume")
     time.sleep(0.5)
     assert cluster.clients["site-1"].alive(), log_text(cluster, "site-1")[-3000:]
     assert "Traceback" not in log_text(cluster, "site-1")
@@ -246,22 +226,76 @@ def test_client_survives_a_stall_longer_than_all_segment_attempts(
     assert_exact_model(cluster, job_id, 1, [1])
 
 
+def test_a_fault_that_persists_is_retried_less_and_less_often(
+    cluster: Cluster, proxy: ProxyProcess
+) -> None:
+    # the first five model responses are garbled: each pass at the task fails on a digest
+    cluster.start_server()
+    proxy.set_faults(Rule(match=GET_MODEL, direction="down", corrupt_at_byte=5000, limit=5))
+    start_site(
+        cluster,
+        "site-1",
+        via=proxy.url,
+        retry_backoff_max_s=2.0,
+        transfer={"window": 1, "max_segment_attempts": 1},
+    )
+    job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2, shape=[512, 512]))
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+
+    failures = re.findall(
+        r"^(\d\d):(\d\d):(\d\d\.\d+) .* task \S+ interrupted: .*digest.*; "
+        r"will resume in ([\d.]+) s$",
+        log_text(cluster, "site-1"),
+        re.MULTILINE,
+    )
+    assert [float(f[3]) for f in failures] == [0.5, 1.0, 2.0, 2.0, 2.0], failures
+    at = [int(h) * 3600 + int(m) * 60 + float(sec) for h, m, sec, _ in failures]
+    gaps = [(b - a) % 86400 for a, b in itertools.pairwise(at)]
+    # each gap is the pause (within 20 %) and one short pass at the task
+    assert gaps[0] >= 0.4 and gaps[1] >= 0.8 and min(gaps[2:]) >= 1.6, gaps
+    assert proxy.stats().corruptions == 5
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
+def test_a_disk_that_refuses_writes_is_reported_and_the_task_waits_for_it(
+    cluster: Cluster,
+) -> None:
+    # RLIMIT_FSIZE makes the site's disk refuse files past 256 KiB (EFBIG: Python
+    # ignores SIGXFSZ); the model needs ~1.8 MiB, its log far less
+    cluster.start_server()
+    site = start_site(cluster, "site-1")
+    # the soft limit only: raising it again needs no privilege
+    _, hard = resource.prlimit(site.popen.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(site.popen.pid, resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    job_id = cluster.submit(small_job(rounds=1, clients=1))
+    failed = (
+        r"this site's disk failed: download \S+model.safetensors.part: cannot create: "
+        r"File too large; trying again in ([\d.]+) s \(free space or fix the disk under "
+    )
+    wait_log(cluster, "site-1", failed)
+    wait_log(cluster, "site-1", failed + r"(?s:.*)" + failed)  # tried again, still refused
+    assert site.alive() and cluster.status(job_id)["job"]["state"] == "running"
+    assert "Traceback" not in log_text(cluster, "site-1")
+    resource.prlimit(site.popen.pid, resource.RLIMIT_FSIZE, (hard, hard))
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
 def _start_two_slow_clients(cluster: Cluster, **job: Any) -> str:
     cluster.start_server()
-    _client(cluster, "site-1")
-    _client(cluster, "site-2")
+    start_site(cluster, "site-1")
+    start_site(cluster, "site-2")
     return cluster.submit(small_job(tensors=4, shape=[256, 256], trainer=SLOW_TRAINER, **job))
-
-
-def _training(cluster: Cluster, job_id: str, client: str, rnd: int) -> bool:
-    tasks = tasks_of(cluster.status(job_id), client, rnd)
-    return bool(tasks) and tasks[0]["phase"] == "training"
 
 
 def test_dead_client_is_dropped_at_train_timeout_and_the_job_goes_on(cluster: Cluster) -> None:
     train_timeout = 3.0
     job_id = _start_two_slow_clients(cluster, rounds=2, clients=1, train_timeout=train_timeout)
-    cluster.wait_for(lambda: _training(cluster, job_id, "site-2", 1), 30, "site-2 training")
+    cluster.wait_for(
+        lambda: in_phase(cluster, job_id, "site-2", "training", moved=0), 30, "site-2 training"
+    )
     kill(cluster, "site-2")
     killed_at = time.time()
     status = cluster.wait_job(job_id, timeout=60)
@@ -279,7 +313,9 @@ def test_dead_client_is_dropped_at_train_timeout_and_the_job_goes_on(cluster: Cl
 
 def test_dead_client_fails_the_job_when_min_clients_cannot_be_met(cluster: Cluster) -> None:
     job_id = _start_two_slow_clients(cluster, rounds=1, clients=2, train_timeout=3.0)
-    cluster.wait_for(lambda: _training(cluster, job_id, "site-2", 1), 30, "site-2 training")
+    cluster.wait_for(
+        lambda: in_phase(cluster, job_id, "site-2", "training", moved=0), 30, "site-2 training"
+    )
     kill(cluster, "site-2")
     status = cluster.wait_job(job_id, timeout=60)
     assert status["job"]["state"] == "failed", cluster.logs()
@@ -326,7 +362,9 @@ def test_client_back_after_its_round_closed_gets_task_expired_and_joins_current_
     cluster: Cluster,
 ) -> None:
     job_id = _start_two_slow_clients(cluster, rounds=3, clients=1, train_timeout=2.0)
-    cluster.wait_for(lambda: _training(cluster, job_id, "site-2", 1), 30, "site-2 training")
+    cluster.wait_for(
+        lambda: in_phase(cluster, job_id, "site-2", "training", moved=0), 30, "site-2 training"
+    )
     late = cluster.clients["site-2"].popen.pid
     os.kill(late, signal.SIGSTOP)
     try:

@@ -14,6 +14,7 @@ from tests.cluster import (
     PUT_SEGMENT,
     Cluster,
     assert_exact_model,
+    in_phase,
     log_text,
     small_job,
     tasks_of,
@@ -46,7 +47,7 @@ def test_failing_trainer_is_reported_and_round_goes_on(cluster: Cluster) -> None
     cluster.wait_clients("site-1", "site-2")
     job = small_job(rounds=2, clients=1, tensors=2)
     job["trainer"] = {
-        "name": "tests.failing_trainer:factory",
+        "name": "tests.plugins:fail_on_site",
         "params": {"fail_site": "site-2", "epsilon": 0.001},
     }
     job_id = cluster.submit(job)
@@ -70,7 +71,7 @@ def test_failing_trainer_fails_job_when_quorum_cannot_be_met(cluster: Cluster) -
     cluster.start_client("site-2")
     cluster.wait_clients("site-1", "site-2")
     job = small_job(rounds=1, clients=2, tensors=2)
-    job["trainer"] = {"name": "tests.failing_trainer:factory", "params": {"fail_site": "site-2"}}
+    job["trainer"] = {"name": "tests.plugins:fail_on_site", "params": {"fail_site": "site-2"}}
     job_id = cluster.submit(job)
     status = cluster.wait_job(job_id, timeout=120)
     assert status["job"]["state"] == "failed"
@@ -78,12 +79,76 @@ def test_failing_trainer_fails_job_when_quorum_cannot_be_met(cluster: Cluster) -
     assert "needs 2 updates but only 1 arrived" in status["job"]["reason"]
 
 
+@pytest.mark.parametrize(
+    ("plugin", "words"),
+    [
+        (
+            "tests.plugins:broken_factory",
+            "could not be set up: RuntimeError('licence server lic.invalid unreachable')",
+        ),
+        ("tests.no_such_plugin:factory", "No module named 'tests.no_such_plugin'"),
+    ],
+)
+def test_trainer_that_cannot_be_set_up_is_reported_and_the_site_goes_on(
+    cluster: Cluster, plugin: str, words: str
+) -> None:
+    cluster.start_server()
+    client = cluster.start_client("site-1", heartbeat_interval_s=0.5)
+    job = small_job(rounds=1, clients=1, tensors=2)
+    job["trainer"] = {"name": plugin, "params": {}}
+    job_id = cluster.submit(job)
+    status = cluster.wait_job(job_id, timeout=60)
+    (task,) = tasks_of(status, "site-1")
+    assert task["state"] == "rejected", cluster.logs()
+    assert f"trainer {plugin!r}" in task["reason"] and words in task["reason"], task
+    assert status["job"]["state"] == "failed"
+    assert "rejected: site-1" in status["job"]["reason"]
+    log = log_text(cluster, "site-1")
+    assert "Traceback" not in log, log
+    assert "model downloaded" not in log  # found out before fetching the model
+    # the daemon lives on and takes the next job
+    assert client.alive(), log
+    job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2))
+    assert cluster.wait_job(job_id, timeout=60)["job"]["state"] == "finished", cluster.logs()
+
+
+def test_sigterm_while_the_plugin_computes_without_progress_stops_in_time(
+    cluster: Cluster,
+) -> None:
+    # the plugin sits in one long computation (until the test removes the file), never
+    # calling ctx.progress, which is where it would learn that the daemon is stopping
+    hold = cluster.root / "hold"
+    hold.touch()
+    shutdown_timeout_s = 1.0
+    settings = {"heartbeat_interval_s": 0.3, "shutdown_timeout_s": shutdown_timeout_s}
+    cluster.start_server()
+    client = cluster.start_client("site-1", **settings)
+    job = small_job(rounds=1, clients=1, tensors=2)
+    job["trainer"] = {
+        "name": "tests.plugins:slow_add_epsilon",
+        "params": {"sleep_s": 0.0, "hold_file": str(hold)},
+    }
+    job_id = cluster.submit(job)
+
+    cluster.wait_for(
+        lambda: in_phase(cluster, job_id, "site-1", "training", moved=0), 30, "site-1 training"
+    )
+    started = time.monotonic()
+    assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
+    assert time.monotonic() - started < shutdown_timeout_s + 3.0
+    log = log_text(cluster, "site-1")
+    assert "training has not stopped after 1 s" in log and "fl-client site-1 stopped" in log
+
+    hold.unlink()
+    cluster.start_client("site-1", **settings)
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    (task,) = tasks_of(status, "site-1", 1)
+    assert task["state"] == "committed"
+    assert_exact_model(cluster, job_id, 1, [1])
+
+
 # SIGTERM in the middle of a transfer: the daemon stops cleanly and nothing is lost.
-
-
-def _uploading(cluster: Cluster, job_id: str, site: str) -> bool:
-    tasks = tasks_of(cluster.status(job_id), site, 1)
-    return bool(tasks) and tasks[0]["phase"] == "uploading" and tasks[0]["bytes_done"] > 0
 
 
 def test_client_sigterm_mid_upload_finishes_its_segments_and_resumes(cluster: Cluster) -> None:
@@ -94,7 +159,9 @@ def test_client_sigterm_mid_upload_finishes_its_segments_and_resumes(cluster: Cl
         settings = {"server_url": proxy.url, "heartbeat_interval_s": 0.3, "transfer": {"window": 2}}
         client = cluster.start_client("site-1", **settings)
         job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=8, shape=[512, 512]))
-        cluster.wait_for(lambda: _uploading(cluster, job_id, "site-1"), 30, "site-1 uploading")
+        cluster.wait_for(
+            lambda: in_phase(cluster, job_id, "site-1", "uploading"), 30, "site-1 uploading"
+        )
         assert client.stop(signal.SIGTERM, timeout=20) == 0, client.tail()
         log = log_text(cluster, "site-1")
         assert re.search(r"task \S+ paused: \d+ segments left for the next start", log), log
@@ -122,7 +189,9 @@ def test_server_sigterm_mid_upload_exits_zero_and_the_job_goes_on(cluster: Clust
             "site-1", server_url=proxy.url, heartbeat_interval_s=0.3, retry_backoff_max_s=0.5
         )
         job_id = cluster.submit(small_job(rounds=2, clients=1, tensors=8, shape=[512, 512]))
-        cluster.wait_for(lambda: _uploading(cluster, job_id, "site-1"), 30, "site-1 uploading")
+        cluster.wait_for(
+            lambda: in_phase(cluster, job_id, "site-1", "uploading"), 30, "site-1 uploading"
+        )
         # The segments of a window share the throttle and end together (about 2 s each);
         # the first window is in, so the next one is now mid-body for a while.
         time.sleep(0.7)

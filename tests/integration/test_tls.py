@@ -12,8 +12,6 @@ import http.client
 import json
 import re
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,11 +24,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fl_client.admin.provision import Project, provision
 from fl_client.http import tls_failure
-from tests.cluster import REPO, ApiError, Cluster, assert_exact_model, log_text, small_job
+from tests.cluster import (
+    ApiError,
+    Cluster,
+    assert_exact_model,
+    fl_admin,
+    log_text,
+    small_job,
+    wait_log,
+)
 
 pytestmark = pytest.mark.integration
 
-ADMIN_CLI = "import sys; from fl_client.admin.cli import main; sys.exit(main(sys.argv[1:]))"
 PEER = r"127\.0\.0\.1:\d+"
 
 
@@ -42,30 +47,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c.start_server()
     yield c
     c.stop_all()
-
-
-def wait_server_log(cluster: Cluster, pattern: str, after: int = 0) -> str:
-    """The first line matching ``pattern`` in the server log past byte ``after``."""
-    found: list[str] = []
-
-    def seen() -> bool:
-        m = re.search(pattern, log_text(cluster, "server")[after:])
-        if m:
-            found.append(m.group(0))
-        return m is not None
-
-    cluster.wait_for(seen, 20, f"{pattern!r} in the server log")
-    return found[0]
-
-
-def fl_admin(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", ADMIN_CLI, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def admin_config(cluster: Cluster, name: str, tls: dict[str, str] | None) -> Path:
@@ -213,12 +194,17 @@ def test_fl_admin_refused_with_reasons_on_both_sides(
     }[case]()
     config = admin_config(server, case.replace(" ", "-"), tls)
     mark = len(log_text(server, "server"))
-    run = fl_admin(server, "--config", str(config), "clients")
+    run = fl_admin("--config", str(config), "clients")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "Traceback" not in run.stderr
     prefix = "" if case == "plain HTTP" else f"TLS handshake with {server.url} failed: "
     assert run.stderr.strip().startswith(f"fl-admin: {prefix}{caller_words}"), run.stderr
-    wait_server_log(server, rf"TLS handshake with {PEER} refused: {re.escape(server_words)}", mark)
+    wait_log(
+        server,
+        "server",
+        rf"TLS handshake with {PEER} refused: {re.escape(server_words)}",
+        after=mark,
+    )
 
 
 def test_caller_without_a_certificate_is_refused(server: Cluster) -> None:
@@ -238,8 +224,11 @@ def test_caller_without_a_certificate_is_refused(server: Cluster) -> None:
         f"TLS handshake with {server.url} failed: the server requires a client certificate "
         "and none was sent"
     )
-    wait_server_log(
-        server, rf"TLS handshake with {PEER} refused: the peer presented no certificate", mark
+    wait_log(
+        server,
+        "server",
+        rf"TLS handshake with {PEER} refused: the peer presented no certificate",
+        after=mark,
     )
 
 
@@ -258,8 +247,11 @@ def test_site_daemon_with_an_expired_certificate_says_so(server: Cluster) -> Non
         )
         assert "cannot reach the server" in log_text(server, "site-9")
         assert server.clients["site-9"].alive()  # it keeps trying, it does not crash
-        wait_server_log(
-            server, r"refused: certificate verify failed: certificate has expired", mark
+        wait_log(
+            server,
+            "server",
+            r"refused: certificate verify failed: certificate has expired",
+            after=mark,
         )
     finally:
         server.clients.pop("site-9").stop()
@@ -288,16 +280,24 @@ def test_roles_client_certificates_cannot_administer_and_admins_cannot_act_as_si
         "GET /v1/clients/admin/task needs a client site's certificate; this connection "
         "presented the admin certificate of 'admin'"
     )
-    wait_server_log(
-        server, r"GET /v1/admin/jobs -> forbidden: .*client certificate of 'site-1'", mark
+    wait_log(
+        server,
+        "server",
+        r"GET /v1/admin/jobs -> forbidden: .*client certificate of 'site-1'",
+        after=mark,
     )
-    wait_server_log(server, r"GET /v1/clients/admin/task -> forbidden: .*admin certificate", mark)
+    wait_log(
+        server,
+        "server",
+        r"GET /v1/clients/admin/task -> forbidden: .*admin certificate",
+        after=mark,
+    )
     # both get through the handshake: the health check answers either
     assert server.request("GET", "/v1/health", as_client="site-1") == {"status": "ok"}
     assert server.request("GET", "/v1/health") == {"status": "ok"}
     # and fl-admin holding a site's certificate gets the server's words
     config = admin_config(server, "site-as-admin", server.credentials("client", "site-1"))
-    run = fl_admin(server, "--config", str(config), "list")
+    run = fl_admin("--config", str(config), "list")
     assert run.returncode == 1
     assert run.stderr.strip() == (
         "fl-admin: GET /v1/admin/jobs needs an admin certificate; this connection presented "
@@ -370,10 +370,13 @@ def test_a_site_cannot_touch_another_sites_task_and_the_job_is_unharmed(
         body["message"]
         == "the X-FL-Client header names 'site-2' but this connection's certificate is 'site-1''s"
     )
-    wait_server_log(
-        c, rf"GET /v1/tasks/{task}/model -> forbidden: task {task} belongs to another client", mark
+    wait_log(
+        c,
+        "server",
+        rf"GET /v1/tasks/{task}/model -> forbidden: task {task} belongs to another client",
+        after=mark,
     )
-    wait_server_log(c, rf"PUT /v1/tasks/{task}/upload/0 -> forbidden", mark)
+    wait_log(c, "server", rf"PUT /v1/tasks/{task}/upload/0 -> forbidden", after=mark)
 
     c.start_client("site-1")
     c.start_client("site-2")

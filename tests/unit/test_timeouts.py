@@ -17,11 +17,12 @@ def _now() -> float:
     return asyncio.get_running_loop().time()
 
 
-def test_stage_values() -> None:
-    assert Stage.SENDING.value == "sending"
-    assert Stage.WAITING.value == "waiting for the first byte of the answer"
-    assert Stage.RECEIVING.value == "receiving"
-    assert Stage.HANDING_OVER.value == "handing a received chunk to the disk writer"
+@pytest.mark.parametrize("stage", list(Stage))
+async def test_every_stage_is_named_in_its_timeout(stage: Stage) -> None:
+    with pytest.raises(TransferTimeout) as exc:
+        async with ProgressTimer(0.05, stage=stage, peer=PEER, what=WHAT):
+            await asyncio.sleep(10)
+    assert f"no progress for 0.05 s while {stage.value} after 0 bytes" in str(exc.value)
 
 
 async def test_steady_progress_never_times_out() -> None:
@@ -96,17 +97,20 @@ async def test_enter_overrides_period_and_names_new_stage() -> None:
 
 
 async def test_enter_without_period_keeps_period_and_restarts_clock() -> None:
+    # 0.3 s of margin on each side of the 0.8 s period: a stall of the loop cannot make
+    # a sleep outlast the period, and without the restart the timer fires at 0.8 s,
+    # before the second sleep ends at 1.0 s
     reached = False
     with pytest.raises(TransferTimeout) as exc:
-        async with ProgressTimer(0.2, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
-            await asyncio.sleep(0.15)
+        async with ProgressTimer(0.8, stage=Stage.SENDING, peer=PEER, what=WHAT) as timer:
+            await asyncio.sleep(0.5)
             timer.enter(Stage.RECEIVING)
-            await asyncio.sleep(0.15)  # 0.3 s since the start, 0.15 s in this stage
+            await asyncio.sleep(0.5)  # 1.0 s since the start, 0.5 s in this stage
             reached = True
             assert timer.stage is Stage.RECEIVING
             await asyncio.sleep(10)
     assert reached, "entering a stage must restart the clock"
-    assert "no progress for 0.2 s while receiving" in str(exc.value)
+    assert "no progress for 0.8 s while receiving" in str(exc.value)
 
 
 async def test_period_none_never_fires() -> None:
