@@ -88,12 +88,15 @@ async def heartbeat(request: web.Request) -> web.Response:
     if client != request.match_info["client"]:
         raise Forbidden(f"caller {client!r} cannot send heartbeats for another client")
     hb = await read_json(request, Heartbeat)
-    now = time.time()
-    await db.run(db.touch_client, client, now, hb.phase, hb.task_id)
+    task = None
     if hb.task_id is not None:
+        # checked before anything is written: a refused heartbeat records nothing
         task = await db.run(db.get_task, hb.task_id)
         if task.client != client:
             raise Forbidden(f"task {hb.task_id} belongs to another client")
+    now = time.time()
+    await db.run(db.touch_client, client, now, hb.phase, hb.task_id)
+    if task is not None:
         moved = (hb.phase, hb.bytes_done, hb.bytes_total) != (
             task.phase,
             task.bytes_done,

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from common.wire import CLIENT_HEADER
-from tests.cluster import Cluster
+from tests.cluster import Cluster, small_job
+from tests.rawclient import RawSite
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +66,24 @@ def test_a_json_body_over_the_limit_is_refused_by_size(cluster: Cluster) -> None
     assert status == 400, reply
     assert reply["code"] == "bad_request" and "JSON body too large" in reply["message"], reply
     assert "1048576 bytes" in reply["message"], reply
+
+
+def test_a_heartbeat_naming_another_sites_task_is_refused_and_not_recorded(
+    cluster: Cluster,
+) -> None:
+    cluster.start_server()
+    a, b = RawSite(cluster.port, "site-a"), RawSite(cluster.port, "site-b")
+    a.hello()
+    cluster.submit(small_job(rounds=1, clients=1, tensors=1, shape=[8]))
+    theirs = b.task()["task_id"]
+    reply = a.json(
+        "POST", "/v1/clients/site-a/heartbeat", {"task_id": theirs, "phase": "uploading"}
+    )
+    assert reply.status == 403 and reply.code == "forbidden", reply
+    row = _client(cluster, "site-a")
+    assert row["task_id"] is None and row["phase"] == "idle", row
+    # a task that does not exist is not recorded either
+    reply = a.json("POST", "/v1/clients/site-a/heartbeat", {"task_id": "nope", "phase": "training"})
+    assert reply.status == 404, reply
+    row = _client(cluster, "site-a")
+    assert row["task_id"] is None and row["phase"] == "idle", row
