@@ -23,6 +23,7 @@ from common.errors import (
     RequestError,
     SegmentBusy,
     SegmentTooLong,
+    StorageError,
     TaskExpired,
 )
 from common.streams import receive_segment
@@ -186,10 +187,19 @@ def _open_sink() -> int:
 
 
 def _open_spool(path: os.PathLike[str], size: int) -> int:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    if os.fstat(fd).st_size != size:
-        os.ftruncate(fd, size)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot open the spool file {path}: {exc.strerror}") from exc
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(
+            f"cannot size the spool file {path} to {size} bytes: {exc.strerror}"
+        ) from exc
     return fd
 
 
@@ -250,6 +260,7 @@ async def upload_segment(request: web.Request) -> web.Response:
                     timer=timer,
                     read_timeout_s=cfg.timeouts.streaming_read_timeout,
                     batch_bytes=cfg.transfer.io_chunk_bytes,
+                    path=spool if acked is None else os.devnull,
                 )
         except asyncio.CancelledError:
             # the client went away mid-body (or the server is stopping): nothing recorded
