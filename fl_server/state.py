@@ -8,6 +8,7 @@ transaction under one lock, so the async side can call them from worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from common.errors import NotFound
+from common.errors import NotFound, StorageError
 from common.wire import JobState, Phase, TaskState
 
 P = ParamSpec("P")
@@ -115,39 +116,55 @@ def _task(r: sqlite3.Row) -> TaskRow:
 
 
 class StateDB:
+    """The server's state; a failing database (disk full, I/O error, corrupt file) is a
+    ``StorageError`` naming the file: ``sqlite3`` errors never get past this class."""
+
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self.path = path
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(SCHEMA)
+        with self._storage():
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._storage():
             self._conn.close()
 
     @contextmanager
+    def _storage(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"state database {self.path}: {exc}") from exc
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._storage():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # also when COMMIT itself failed: a transaction left open would make
+                # every later BEGIN fail
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        with self._lock:
+        with self._lock, self._storage():
             row: sqlite3.Row | None = self._conn.execute(sql, args).fetchone()
             return row
 
     def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._storage():
             return list(self._conn.execute(sql, args).fetchall())
 
     # jobs
