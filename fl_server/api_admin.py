@@ -20,6 +20,7 @@ from common.wire import (
     TaskState,
 )
 from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
+from fl_server.controller import RoundState
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.metrics import METRICS
@@ -72,7 +73,8 @@ async def job_status(request: web.Request) -> web.Response:
             rounds=[
                 RoundInfo(
                     round=r.round,
-                    state="closed" if r.state == "closed" else "open",
+                    # a closing round has no global model yet: it shows as open
+                    state="closed" if r.state is RoundState.CLOSED else "open",
                     started_at=r.started_at,
                     closed_at=r.closed_at,
                     num_updates=sum(

@@ -35,7 +35,6 @@ from common.wire import (
     CommitRequest,
     Heartbeat,
     HeartbeatReply,
-    JobState,
     Phase,
     SegmentAck,
     Task,
@@ -46,6 +45,7 @@ from common.wire import (
 )
 from fl_server import verify
 from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
+from fl_server.controller import task_write_refusal
 from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.metrics import METRICS
@@ -64,22 +64,21 @@ async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
     logctx.bind(job=task.job_id, round=task.round, client=task.client, task=task.task_id)
     if not writable:
         return task
-    if task.state is TaskState.COMMITTED:
-        raise Conflict(f"task {task.task_id} is already committed; nothing more to send")
-    if task.state is TaskState.REJECTED:
-        raise Conflict(f"task {task.task_id} was rejected: {task.reason}")
+    # Checked here to refuse early; the write itself checks again in its own
+    # transaction (see StateDB), since the state may change while the body arrives.
     rnd = await db.run(db.get_round, task.job_id, task.round)
     job = await db.run(db.get_job, task.job_id)
-    if (
-        task.state is TaskState.EXPIRED
-        or rnd is None
-        or rnd.state != "open"
-        or job.state is not JobState.RUNNING
-    ):
-        raise TaskExpired(
-            f"task {task.task_id} (job {task.job_id}, round {task.round}) has expired: "
-            f"{task.reason or 'its round has closed'}; ask for a new task"
-        )
+    refusal = task_write_refusal(
+        task_id=task.task_id,
+        job_id=task.job_id,
+        rnd=task.round,
+        state=task.state,
+        reason=task.reason,
+        round_state=None if rnd is None else rnd.state,
+        job_state=job.state,
+    )
+    if refusal is not None:
+        raise refusal
     return task
 
 
@@ -239,7 +238,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         # A segment already acknowledged is never overwritten: a resend after a lost ack
         # is hashed and acknowledged again, anything else (a different, cut or oversized
         # body) leaves the stored bytes as they were.
-        acked = (await db.run(db.segments_of, task.task_id)).get(index)
+        acked = (await db.run(db.open_task_segments, task.task_id)).get(index)
         if acked is None:
             fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
         else:

@@ -10,6 +10,7 @@ never lost. HTTP handlers change state and ``poke`` the job; the job loop re-rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -25,8 +26,8 @@ from fl_server.aggregate import Source
 from fl_server.controller import (
     TERMINAL_JOB_STATES,
     Action,
+    RoundState,
     TaskView,
-    check_job_transition,
     count_joinable,
     decide_round,
     may_take_part,
@@ -70,8 +71,7 @@ class JobRunner:
         return job_id
 
     async def abort(self, job_id: str) -> None:
-        job = await self.db.run(self.db.get_job, job_id)
-        check_job_transition(job_id, job.state, JobState.ABORTED)
+        """Abort the job; ``Conflict`` naming its state if it has already ended."""
         await self.db.run(
             self.db.set_job_state, job_id, JobState.ABORTED, "aborted by admin", time.time()
         )
@@ -101,21 +101,23 @@ class JobRunner:
         async with self._issue_lock:
             for t in await self.db.run(self.db.assigned_tasks_of, client):
                 rnd = await self.db.run(self.db.get_round, t.job_id, t.round)
-                if rnd is not None and rnd.state == "open":
+                if rnd is not None and rnd.state is RoundState.OPEN:
                     return t
             for job in await self.db.run(self.db.list_jobs):
                 if job.state is not JobState.RUNNING:
                     continue
                 r = job.round_done + 1
                 rnd = await self.db.run(self.db.get_round, job.job_id, r)
-                if rnd is None or rnd.state != "open":
+                if rnd is None or rnd.state is not RoundState.OPEN:
                     continue
                 cfg = await self.job_config(job.job_id)
                 views = [_view(t) for t in await self.db.run(self.db.round_tasks, job.job_id, r)]
                 if not may_take_part(client, cfg.clients, views):
                     continue
                 task_id = uuid.uuid4().hex[:16]
-                await self.db.run(self.db.create_task, task_id, job.job_id, r, client, time.time())
+                now = time.time()
+                if not await self.db.run(self.db.create_task, task_id, job.job_id, r, client, now):
+                    continue  # the round began closing, or the job ended, meanwhile
                 ids = logctx.ids(job=job.job_id, round=r, client=client, task=task_id)
                 log.info(
                     "job %s round %d: task %s issued to %s",
@@ -143,10 +145,15 @@ class JobRunner:
         async with self.tasks_changed:
             self.tasks_changed.notify_all()
 
-    async def _set_state(self, job_id: str, state: JobState, reason: str | None = None) -> None:
-        job = await self.db.run(self.db.get_job, job_id)
-        check_job_transition(job_id, job.state, state)
-        await self.db.run(self.db.set_job_state, job_id, state, reason, time.time())
+    async def _set_state(self, job_id: str, state: JobState, reason: str | None = None) -> bool:
+        """Move the job on; False (and a log line) if it was moved elsewhere meanwhile
+        (an admin's abort): the write is conditional, see ``StateDB.set_job_state``."""
+        try:
+            await self.db.run(self.db.set_job_state, job_id, state, reason, time.time())
+        except Conflict as err:
+            log.info("job %s: not %s: %s", job_id, state.value, err.message)
+            return False
+        return True
 
     async def _run_job(self, job_id: str) -> None:
         self._wake[job_id] = asyncio.Event()
@@ -163,8 +170,7 @@ class JobRunner:
             self._wake.pop(job_id, None)
 
     async def _fail(self, job_id: str, reason: str) -> None:
-        job = await self.db.run(self.db.get_job, job_id)
-        if job.state not in TERMINAL_JOB_STATES:
+        with contextlib.suppress(Conflict):  # it ended otherwise meanwhile
             await self.db.run(self.db.set_job_state, job_id, JobState.FAILED, reason, time.time())
 
     async def _drive_job(self, job_id: str) -> None:
@@ -180,10 +186,8 @@ class JobRunner:
                 )
                 await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
             await self.db.run(self.db.set_model_bytes, job_id, man.file_size)
-            job = await self.db.run(self.db.get_job, job_id)
-            if job.state is not JobState.PENDING:
+            if not await self._set_state(job_id, JobState.RUNNING):
                 return
-            await self._set_state(job_id, JobState.RUNNING)
             log.info("job %s running: model of %d bytes", job_id, man.file_size)
         while True:
             job = await self.db.run(self.db.get_job, job_id)
@@ -191,8 +195,8 @@ class JobRunner:
                 return
             rnd = job.round_done + 1
             if rnd > cfg.num_rounds:
-                await self._set_state(job_id, JobState.FINISHED)
-                log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
+                if await self._set_state(job_id, JobState.FINISHED):
+                    log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
                 return
             fresh = await self.db.run(self.db.get_round, job_id, rnd) is None
             if fresh and not await self._wait_for_clients(job_id, cfg):
@@ -269,6 +273,13 @@ class JobRunner:
         tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
         await asyncio.to_thread(self._clean_round_dir, job_id, rnd, tasks)
         layout = (await self.manifest(job_id, rnd - 1)).layout
+        state = await self.db.run(self.db.get_round, job_id, rnd)
+        if state is not None and state.state is RoundState.CLOSING:
+            # the server stopped while aggregating: finish that, with the same tasks;
+            # the round never takes new tasks again
+            log.info("job %s round %d: closing again after a restart", job_id, rnd)
+            await self._close(job_id, rnd, layout, tasks)
+            return
         wake = self._wake[job_id]
         opened = time.monotonic()
         while True:
@@ -303,6 +314,11 @@ class JobRunner:
                     ids = logctx.ids(task=tid)
                     log.warning("job %s round %d: task %s expired", job_id, rnd, tid, extra=ids)
             if decision.action is Action.CLOSE:
+                # From here on no task is issued, committed or rejected in this round; the
+                # tasks read after that are exactly the ones the aggregate is made of (a
+                # task issued since the decision is expired by close_round).
+                await self.db.run(self.db.begin_closing, job_id, rnd)
+                tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
                 await self._close(job_id, rnd, layout, tasks)
                 return
             if unfolded:
@@ -311,8 +327,9 @@ class JobRunner:
                 continue
             if decision.action is Action.FAIL:
                 assert decision.reason is not None
-                log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
-                await self._set_state(job_id, JobState.FAILED, f"round {rnd}: {decision.reason}")
+                reason = f"round {rnd}: {decision.reason}"
+                if await self._set_state(job_id, JobState.FAILED, reason):
+                    log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
                 return
             if (
                 cfg.wait_for_clients_s is not None
