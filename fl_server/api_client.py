@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import ParamSpec
 
 from aiohttp import web
 
@@ -52,6 +54,7 @@ from fl_server.metrics import METRICS
 from fl_server.state import TaskRow
 
 log = logging.getLogger("fl_server.api")
+P = ParamSpec("P")
 
 
 async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
@@ -180,6 +183,25 @@ async def upload_status(request: web.Request) -> web.Response:
     )
 
 
+async def _open_in_thread(opener: Callable[P, int], *args: P.args, **kwargs: P.kwargs) -> int:
+    """``opener(...)`` (which opens a file descriptor) in a worker thread.
+
+    If the handler is cancelled while the thread runs, the thread still opens the file:
+    the descriptor is closed as soon as it returns, instead of leaking.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(opener, *args, **kwargs))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
+
+
 def _open_sink() -> int:
     """Where a segment the server already holds is received again: hashed, not stored."""
     return os.open(os.devnull, os.O_WRONLY)
@@ -240,9 +262,9 @@ async def upload_segment(request: web.Request) -> web.Response:
         # body) leaves the stored bytes as they were.
         acked = (await db.run(db.open_task_segments, task.task_id)).get(index)
         if acked is None:
-            fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
+            fd = await _open_in_thread(_open_spool, spool, man.file_size)
         else:
-            fd = await asyncio.to_thread(_open_sink)
+            fd = await _open_in_thread(_open_sink)
         timer = ProgressTimer(
             cfg.timeouts.communication_timeout,
             stage=Stage.RECEIVING,
@@ -291,12 +313,15 @@ async def upload_segment(request: web.Request) -> web.Response:
                 f"the bytes sent again have digest {digest} and were not stored",
                 field="body",
             )
+        elapsed = time.monotonic() - started
+        # the key is held until the segment is on record: a second upload of the same
+        # index must not write the spool between this one's checks and its record
+        held = await db.run(db.add_segment, task.task_id, index, digest)
     finally:
         busy.discard(key)
         uploads.release(task.client)
-    request.app[METRICS].update_segment_received(end - start, time.monotonic() - started)
+    request.app[METRICS].update_segment_received(end - start, elapsed)
     now = time.time()
-    held = await db.run(db.add_segment, task.task_id, index, digest)
     done_bytes = min(man.file_size, held * man.segment_bytes)
     await db.run(db.touch_task, task.task_id, now, Phase.UPLOADING, done_bytes, man.file_size)
     request.app[RUNNER].poke(task.job_id)
