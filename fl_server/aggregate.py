@@ -22,7 +22,7 @@ equals numpy's ``average(..., weights=...)`` computed in float64 and cast back.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from common.modelio import ModelWriter, fsync_dir
+from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import Layout, Manifest, TensorSpec
 
 ACC_DTYPE = np.dtype("<f8")
@@ -44,21 +44,17 @@ class Source:
     weight: float | None
 
 
-def _acc_offsets(layout: Layout) -> list[tuple[TensorSpec, int]]:
-    out, pos = [], 0
+def _acc_layout(layout: Layout) -> Layout:
+    """Where each tensor's float64 sum lies in an accumulator file: the model's tensors
+    in order, ``ACC_DTYPE`` elements, no header."""
+    specs, pos = [], 0
     for spec in layout.tensors:
-        out.append((spec, pos))
-        pos += spec.numel * ACC_DTYPE.itemsize
-    return out
-
-
-def _pread_into(fd: int, out: npt.NDArray[np.generic], pos: int) -> None:
-    view = out.data.cast("B")
-    while view.nbytes:
-        n = os.preadv(fd, [view], pos)
-        if n == 0:
-            raise OSError(f"file ends early at byte {pos}")
-        view, pos = view[n:], pos + n
+        nbytes = spec.numel * ACC_DTYPE.itemsize
+        specs.append(
+            TensorSpec(name=spec.name, dtype="F64", shape=spec.shape, begin=pos, end=pos + nbytes)
+        )
+        pos += nbytes
+    return Layout(tensors=tuple(specs), data_offset=0)
 
 
 def _sums(
@@ -72,26 +68,27 @@ def _sums(
     total = np.empty(step, dtype=ACC_DTYPE)
     term = np.empty(step, dtype=ACC_DTYPE)
     raw = np.empty(step * ACC_DTYPE.itemsize, dtype=np.uint8)
-    fds = [os.open(s.path, os.O_RDONLY) for s in sources]
-    try:
-        for spec, acc_pos in _acc_offsets(layout):
+    acc = _acc_layout(layout)
+    with contextlib.ExitStack() as stack:
+        readers = [
+            stack.enter_context(ModelReader(s.path, acc if s.weight is None else layout))
+            for s in sources
+        ]
+        for spec, acc_spec in zip(layout.tensors, acc.tensors, strict=True):
             isz = spec.np_dtype.itemsize
             for first in range(0, spec.numel, step):
                 n = min(step, spec.numel - first)
-                for k, (src, fd) in enumerate(zip(sources, fds, strict=True)):
+                for k, (src, reader) in enumerate(zip(sources, readers, strict=True)):
                     dst = total[:n] if k == 0 else term[:n]
                     if src.weight is None:
-                        _pread_into(fd, dst, acc_pos + first * ACC_DTYPE.itemsize)
+                        reader.read_into(acc_spec, first, dst)
                     else:
                         u = raw[: n * isz].view(spec.np_dtype)
-                        _pread_into(fd, u, layout.data_offset + spec.begin + first * isz)
+                        reader.read_into(spec, first, u)
                         np.multiply(u, src.weight, out=dst, dtype=ACC_DTYPE)
                     if k:
                         np.add(total[:n], dst, out=total[:n])
                 yield spec, total[:n]
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def fold(sources: Sequence[Source], layout: Layout, out: Path, chunk_bytes: int) -> None:
@@ -122,6 +119,4 @@ def finalize(
             if spec.np_dtype.kind in "iub":
                 np.rint(chunk, out=chunk)
             writer.write(chunk.astype(spec.np_dtype))
-        manifest = writer.finish()
-    fsync_dir(out.parent)
-    return manifest
+        return writer.finish()  # durable: the file and its directory entry are synced

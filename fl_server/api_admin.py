@@ -20,7 +20,7 @@ from common.wire import (
     TaskState,
 )
 from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
-from fl_server.controller import RoundState
+from fl_server.controller import RoundState, is_alive
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.metrics import METRICS
@@ -147,7 +147,7 @@ async def list_clients(request: web.Request) -> web.Response:
                 name=c.name,
                 last_seen=c.last_seen,
                 seconds_since_seen=round(now - c.last_seen, 3),
-                alive=now - c.last_seen <= gone_after,
+                alive=is_alive(c.last_seen, now, gone_after),
                 phase=c.phase,
                 task_id=c.task_id,
             )

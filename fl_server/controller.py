@@ -19,7 +19,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from common.errors import Conflict, JobError, TaskExpired
+from common.errors import Conflict, TaskExpired
 from common.wire import JobState, TaskState
 
 JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
@@ -175,6 +175,11 @@ def decide_round(
     return Decision(Action.WAIT)
 
 
+def is_alive(last_seen: float, now: float, gone_after_s: float) -> bool:
+    """A site counts as connected while it was heard from within ``gone_after_s``."""
+    return now - last_seen <= gone_after_s
+
+
 def count_joinable(
     alive: Iterable[str], allowed: Iterable[str] | None, round_tasks: Iterable[TaskView]
 ) -> int:
@@ -189,7 +194,3 @@ def may_take_part(
     if allowed is not None and client not in set(allowed):
         return False
     return all(t.client != client for t in round_tasks)
-
-
-def quorum_failure(job_id: str, reason: str) -> JobError:
-    return JobError(f"job {job_id} failed: {reason}")

@@ -31,7 +31,7 @@ from common.config import ServerConfig
 from common.errors import FLError
 from common.metrics import METRICS_PATH, THROUGHPUT_BUCKETS_BPS, metrics_handler, new_registry
 from common.wire import JobState, Phase, TaskState
-from fl_server.controller import TERMINAL_JOB_STATES, RoundState
+from fl_server.controller import TERMINAL_JOB_STATES, RoundState, is_alive
 from fl_server.http_util import Handler
 from fl_server.state import StateDB
 
@@ -141,7 +141,7 @@ class StateCollector(Collector):
         )
 
         clients = self.db.list_clients()
-        alive = sum(now - c.last_seen <= self.cfg.client_gone_after_s for c in clients)
+        alive = sum(is_alive(c.last_seen, now, self.cfg.client_gone_after_s) for c in clients)
         yield GaugeMetricFamily(
             "fl_server_clients_alive", "Sites heard from within client_gone_after_s.", value=alive
         )

@@ -30,6 +30,7 @@ from fl_server.controller import (
     TaskView,
     count_joinable,
     decide_round,
+    is_alive,
     may_take_part,
 )
 from fl_server.modelgen import prepare_initial
@@ -210,7 +211,7 @@ class JobRunner:
         return [
             c.name
             for c in await self.db.run(self.db.list_clients)
-            if now - c.last_seen <= self.cfg.client_gone_after_s
+            if is_alive(c.last_seen, now, self.cfg.client_gone_after_s)
             and (cfg.clients is None or c.name in cfg.clients)
         ]
 
@@ -297,7 +298,7 @@ class JobRunner:
             alive = [
                 c.name
                 for c in await self.db.run(self.db.list_clients)
-                if now - c.last_seen <= self.cfg.client_gone_after_s
+                if is_alive(c.last_seen, now, self.cfg.client_gone_after_s)
             ]
             decision = decide_round(
                 views,
