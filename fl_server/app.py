@@ -23,7 +23,7 @@ from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
 from fl_server.auth import auth_middleware
 from fl_server.http_util import error_middleware
 from fl_server.limits import Limits
-from fl_server.listener import build_site, describe_security
+from fl_server.listener import build_contexts, build_site, describe_security
 from fl_server.runner import JobRunner
 from fl_server.state import StateDB
 from fl_server.workspace import Workspace
@@ -82,7 +82,8 @@ async def serve(cfg: ServerConfig) -> None:
         app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_timeout_s, access_log=None
     )
     await runner.setup()
-    site = build_site(runner, cfg)
+    contexts = await asyncio.to_thread(build_contexts, cfg)
+    site = build_site(runner, cfg, contexts)
     await site.start()
     addrs = ", ".join(site.addresses)
     log.info("fl-server listening on %s (workspace %s)", addrs, cfg.workspace)

@@ -211,13 +211,18 @@ CERT_WARN_BEFORE = timedelta(days=30)
 BACKLOG = 256
 
 
-def build_site(runner: web.AppRunner, cfg: ServerConfig) -> GatedSite:
-    """The site the server listens on: TLS if configured, and the connection limit."""
+def build_contexts(cfg: ServerConfig) -> ContextPool | None:
+    """The TLS contexts of all handshakes, None without TLS (blocking: reads the
+    certificate, key and CA files; call once at start-up, in a worker thread)."""
+    if cfg.tls is None:
+        return None
+    files = cfg.tls
+    return ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
+
+
+def build_site(runner: web.AppRunner, cfg: ServerConfig, contexts: ContextPool | None) -> GatedSite:
+    """The site the server listens on: TLS if ``contexts``, and the connection limit."""
     assert runner.server is not None, "runner.setup() first"
-    contexts = None
-    if cfg.tls is not None:
-        files = cfg.tls
-        contexts = ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
     gate = Gate(
         runner.server,
         max_connections=cfg.limits.max_connections,

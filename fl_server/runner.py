@@ -15,6 +15,8 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
+from pathlib import Path
 
 from common import logctx
 from common.config import JobConfig, ServerConfig
@@ -40,6 +42,11 @@ from fl_server.workspace import Workspace
 log = logging.getLogger("fl_server.runner")
 IDLE_RECHECK_S = 5.0
 CLIENT_WAIT_RECHECK_S = 0.5
+
+
+def _unlink(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _view(t: TaskRow) -> TaskView:
@@ -370,9 +377,8 @@ class JobRunner:
             )
         await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
         if before:
-            for src in before:
-                src.path.unlink(missing_ok=True)
-            spool.unlink(missing_ok=True)
+            # files of a model's size: unlinking one takes long on some file systems
+            await asyncio.to_thread(_unlink, [*(s.path for s in before), spool])
         log.info(
             "job %s round %d: update of %s (task %s, weight %g) folded in %.2f s",
             job_id,
