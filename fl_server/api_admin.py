@@ -19,7 +19,7 @@ from common.wire import (
     TaskInfo,
     TaskState,
 )
-from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, WORKSPACE
 from fl_server.controller import RoundState, is_alive
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
@@ -132,6 +132,7 @@ async def job_model(request: web.Request) -> web.StreamResponse:
         path,
         timeout_s=timeout,
         peer=request.remote or "admin",
+        executor=request.app[SENDERS],
         on_sent=request.app[METRICS].result_sent,
     )
 

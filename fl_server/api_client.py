@@ -46,7 +46,7 @@ from common.wire import (
     UploadStatus,
 )
 from fl_server import verify
-from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, UPLOADS, WORKSPACE
 from fl_server.controller import task_write_refusal
 from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
@@ -164,7 +164,14 @@ async def task_model(request: web.Request) -> web.StreamResponse:
         raise TaskExpired(f"the model of task {task.task_id} is no longer kept")
     timeout = request.app[CONFIG].timeouts.communication_timeout
     on_sent = request.app[METRICS].model_segment_sent
-    return await send_file(request, path, timeout_s=timeout, peer=task.client, on_sent=on_sent)
+    return await send_file(
+        request,
+        path,
+        timeout_s=timeout,
+        peer=task.client,
+        executor=request.app[SENDERS],
+        on_sent=on_sent,
+    )
 
 
 async def upload_status(request: web.Request) -> web.Response:

@@ -19,8 +19,9 @@ from aiohttp import web
 from common import sdnotify, wire
 from common.config import ServerConfig
 from fl_server import api_admin, api_client, metrics
-from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, UPLOADS, WORKSPACE
 from fl_server.auth import auth_middleware
+from fl_server.filesend import send_executor
 from fl_server.http_util import error_middleware
 from fl_server.limits import Limits
 from fl_server.listener import build_contexts, build_site, describe_security
@@ -47,6 +48,7 @@ def build_app(cfg: ServerConfig) -> web.Application:
     app[RUNNER] = JobRunner(cfg, ws, db)
     app[UPLOADS] = set()
     app[LIMITS] = Limits.from_config(cfg.limits)
+    app[SENDERS] = send_executor()
     r = app.router
     r.add_get(wire.HEALTH, health)
     r.add_post(wire.HEARTBEAT, api_client.heartbeat)
@@ -64,7 +66,14 @@ def build_app(cfg: ServerConfig) -> web.Application:
     r.add_get(wire.CLIENTS, api_admin.list_clients)
     metrics.install(app, cfg, db)
     app.cleanup_ctx.append(_run_jobs)
+    app.cleanup_ctx.append(_send_threads)
     return app
+
+
+async def _send_threads(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # by now every handler has returned, and with it every send it waited for
+    await asyncio.to_thread(app[SENDERS].shutdown, wait=True, cancel_futures=True)
 
 
 async def _run_jobs(app: web.Application) -> AsyncIterator[None]:
