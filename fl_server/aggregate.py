@@ -23,6 +23,7 @@ equals numpy's ``average(..., weights=...)`` computed in float64 and cast back.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy.typing as npt
 
 from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import Layout, Manifest, TensorSpec
+from fl_server.threads import check_stop
 
 ACC_DTYPE = np.dtype("<f8")
 
@@ -58,11 +60,12 @@ def _acc_layout(layout: Layout) -> Layout:
 
 
 def _sums(
-    sources: Sequence[Source], layout: Layout, chunk_bytes: int
+    sources: Sequence[Source], layout: Layout, chunk_bytes: int, stop: threading.Event | None
 ) -> Iterator[tuple[TensorSpec, npt.NDArray[np.float64]]]:
     """Yield (tensor, float64 chunk of the weighted sum), tensor after tensor, in order.
 
     The yielded buffer is reused: the consumer must be done with it before the next one.
+    Raises ``Stopped`` before the next chunk once ``stop`` is set.
     """
     step = max(1, chunk_bytes // ACC_DTYPE.itemsize)
     total = np.empty(step, dtype=ACC_DTYPE)
@@ -77,6 +80,7 @@ def _sums(
         for spec, acc_spec in zip(layout.tensors, acc.tensors, strict=True):
             isz = spec.np_dtype.itemsize
             for first in range(0, spec.numel, step):
+                check_stop(stop)
                 n = min(step, spec.numel - first)
                 for k, (src, reader) in enumerate(zip(sources, readers, strict=True)):
                     dst = total[:n] if k == 0 else term[:n]
@@ -91,12 +95,21 @@ def _sums(
                 yield spec, total[:n]
 
 
-def fold(sources: Sequence[Source], layout: Layout, out: Path, chunk_bytes: int) -> None:
-    """Write the weighted sum of ``sources`` as a float64 accumulator at ``out``."""
+def fold(
+    sources: Sequence[Source],
+    layout: Layout,
+    out: Path,
+    chunk_bytes: int,
+    stop: threading.Event | None = None,
+) -> None:
+    """Write the weighted sum of ``sources`` as a float64 accumulator at ``out``.
+
+    ``stop`` ends it early, between chunks, with ``Stopped`` and no partial file.
+    """
     tmp = out.with_name(out.name + ".part")
     try:
         with open(tmp, "wb") as f:
-            for _, chunk in _sums(sources, layout, chunk_bytes):
+            for _, chunk in _sums(sources, layout, chunk_bytes, stop):
                 f.write(chunk.data.cast("B"))
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -111,10 +124,14 @@ def finalize(
     out: Path,
     segment_bytes: int,
     chunk_bytes: int,
+    stop: threading.Event | None = None,
 ) -> Manifest:
-    """Write sum(sources) / total_weight in the model's dtypes as the next global model."""
+    """Write sum(sources) / total_weight in the model's dtypes as the next global model.
+
+    ``stop`` ends it early, between chunks, with ``Stopped`` and no partial file.
+    """
     with ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
-        for spec, chunk in _sums(sources, layout, chunk_bytes):
+        for spec, chunk in _sums(sources, layout, chunk_bytes, stop):
             np.divide(chunk, total_weight, out=chunk)
             if spec.np_dtype.kind in "iub":
                 np.rint(chunk, out=chunk)

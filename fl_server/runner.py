@@ -5,6 +5,12 @@ job decides comes from ``controller.decide_round`` over the state in SQLite, so 
 restarted server resumes a job exactly where its last committed transaction left it:
 finished rounds are never redone, folded updates never refolded, committed updates
 never lost. HTTP handlers change state and ``poke`` the job; the job loop re-reads.
+
+Long work (the initial model, folds, the next global model) runs in threads through
+``fl_server.threads.run_stoppable``: cancelling the job's loop, because the server is
+stopping or an admin aborted the job, stops it within one chunk and removes its partial
+file. A job that ends without finishing (aborted, failed) gives up its open tasks and
+the files of its unfinished rounds.
 """
 
 from __future__ import annotations
@@ -37,11 +43,16 @@ from fl_server.controller import (
 )
 from fl_server.modelgen import prepare_initial
 from fl_server.state import StateDB, TaskRow
+from fl_server.threads import run_stoppable
 from fl_server.workspace import Workspace
 
 log = logging.getLogger("fl_server.runner")
 IDLE_RECHECK_S = 5.0
 CLIENT_WAIT_RECHECK_S = 0.5
+
+
+# a job that ended without finishing: nothing of its unfinished rounds is kept
+UNFINISHED_JOB_STATES = frozenset({JobState.ABORTED, JobState.FAILED})
 
 
 def _unlink(paths: Iterable[Path]) -> None:
@@ -59,6 +70,7 @@ class JobRunner:
         self.ws = ws
         self.db = db
         self._wake: dict[str, asyncio.Event] = {}
+        self._drives: dict[str, asyncio.Task[None]] = {}
         self._started: asyncio.Queue[str] = asyncio.Queue()
         self._issue_lock = asyncio.Lock()
         self.tasks_changed = asyncio.Condition()
@@ -83,6 +95,9 @@ class JobRunner:
         await self.db.run(
             self.db.set_job_state, job_id, JobState.ABORTED, "aborted by admin", time.time()
         )
+        drive = self._drives.get(job_id)
+        if drive is not None:
+            drive.cancel()  # long work in progress stops within one chunk
         self.poke(job_id)
         log.info("job %s aborted by admin", job_id)
 
@@ -109,7 +124,12 @@ class JobRunner:
         async with self._issue_lock:
             for t in await self.db.run(self.db.assigned_tasks_of, client):
                 rnd = await self.db.run(self.db.get_round, t.job_id, t.round)
-                if rnd is not None and rnd.state is RoundState.OPEN:
+                held = await self.db.run(self.db.get_job, t.job_id)
+                if (
+                    rnd is not None
+                    and rnd.state is RoundState.OPEN
+                    and held.state is JobState.RUNNING
+                ):
                     return t
             for job in await self.db.run(self.db.list_jobs):
                 if job.state is not JobState.RUNNING:
@@ -142,6 +162,8 @@ class JobRunner:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             for job in await self.db.run(self.db.list_jobs):
+                if job.state in UNFINISHED_JOB_STATES:
+                    await self._end_job(job.job_id)  # the server stopped before it was done
                 if job.state not in TERMINAL_JOB_STATES:
                     log.info("resuming job %s at round %d", job.job_id, job.round_done + 1)
                     tg.create_task(self._run_job(job.job_id))
@@ -166,16 +188,39 @@ class JobRunner:
     async def _run_job(self, job_id: str) -> None:
         self._wake[job_id] = asyncio.Event()
         logctx.bind(job=job_id)  # this job's own task: every line it logs names the job
+        # a task of its own, that abort() can cancel without stopping the server
+        drive = asyncio.create_task(self._drive_job(job_id), name=f"job {job_id}")
+        self._drives[job_id] = drive
         try:
-            await self._drive_job(job_id)
-        except FLError as err:
-            log.error("job %s failed: %s", job_id, err.message)
-            await self._fail(job_id, err.message)
-        except Exception as exc:
-            log.exception("job %s failed on an internal error", job_id)
-            await self._fail(job_id, f"internal error: {exc!r} (see server log)")
+            try:
+                await drive
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # the server is stopping: the job resumes at the next start
+                log.info("job %s: work in progress stopped by its abort", job_id)
+            except FLError as err:
+                log.error("job %s failed: %s", job_id, err.message)
+                await self._fail(job_id, err.message)
+            except Exception as exc:
+                log.exception("job %s failed on an internal error", job_id)
+                await self._fail(job_id, f"internal error: {exc!r} (see server log)")
+            await self._end_job(job_id)
         finally:
+            self._drives.pop(job_id, None)
             self._wake.pop(job_id, None)
+
+    async def _end_job(self, job_id: str) -> None:
+        """A job that ended without finishing: its open tasks expire, and the files of its
+        unfinished rounds (spools, accumulators: up to a model per site) are removed."""
+        job = await self.db.run(self.db.get_job, job_id)
+        if job.state not in UNFINISHED_JOB_STATES:
+            return
+        tasks = await self.db.run(self.db.job_tasks, job_id)
+        open_ids = [t.task_id for t in tasks if t.state is TaskState.ASSIGNED]
+        if open_ids:
+            await self.db.run(self.db.expire_tasks, open_ids, f"job {job.state.value}")
+        await asyncio.to_thread(shutil.rmtree, self.ws.rounds_dir(job_id), True)
 
     async def _fail(self, job_id: str, reason: str) -> None:
         with contextlib.suppress(Conflict):  # it ended otherwise meanwhile
@@ -189,8 +234,9 @@ class JobRunner:
             if man is None:
                 log.info("job %s: preparing the initial model", job_id)
                 path = self.ws.model_path(job_id, 0)
-                man = await asyncio.to_thread(
-                    prepare_initial, cfg.model, path, self.cfg.segment_bytes
+                segment_bytes = self.cfg.segment_bytes
+                man = await run_stoppable(
+                    None, lambda stop: prepare_initial(cfg.model, path, segment_bytes, stop)
                 )
                 await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
             await self.db.run(self.db.set_model_bytes, job_id, man.file_size)
@@ -294,10 +340,7 @@ class JobRunner:
             wake.clear()
             job = await self.db.run(self.db.get_job, job_id)
             if job.state is not JobState.RUNNING:
-                tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
-                open_ids = [t.task_id for t in tasks if t.state is TaskState.ASSIGNED]
-                await self.db.run(self.db.expire_tasks, open_ids, f"job {job.state.value}")
-                return
+                return  # its open tasks expire in _end_job
             tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
             unfolded = [t for t in tasks if t.state is TaskState.COMMITTED and not t.folded]
             now = time.time()
@@ -372,8 +415,10 @@ class JobRunner:
         started = time.monotonic()
         if before:
             out = self.ws.accumulator_path(job_id, rnd, count)
-            await asyncio.to_thread(
-                aggregate.fold, [*before, Source(spool, weight)], layout, out, self._chunk_bytes
+            sources = [*before, Source(spool, weight)]
+            chunk_bytes = self._chunk_bytes
+            await run_stoppable(
+                None, lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop)
             )
         await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
         if before:
@@ -406,14 +451,12 @@ class JobRunner:
                 total += t.num_samples
         started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
-        man = await asyncio.to_thread(
-            aggregate.finalize,
-            sources,
-            layout,
-            total,
-            out,
-            self.cfg.segment_bytes,
-            self._chunk_bytes,
+        segment_bytes, chunk_bytes = self.cfg.segment_bytes, self._chunk_bytes
+        man = await run_stoppable(
+            None,
+            lambda stop: aggregate.finalize(
+                sources, layout, total, out, segment_bytes, chunk_bytes, stop
+            ),
         )
         await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
         await self.db.run(self.db.close_round, job_id, rnd, [], time.time())

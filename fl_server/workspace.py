@@ -26,8 +26,12 @@ class Workspace:
     def manifest_path(self, job_id: str, rnd: int) -> Path:
         return self.job_dir(job_id) / "models" / f"round-{rnd}.manifest.json"
 
+    def rounds_dir(self, job_id: str) -> Path:
+        """Spools and accumulators of the job's rounds not closed yet."""
+        return self.job_dir(job_id) / "rounds"
+
     def round_dir(self, job_id: str, rnd: int) -> Path:
-        return self.job_dir(job_id) / "rounds" / str(rnd)
+        return self.rounds_dir(job_id) / str(rnd)
 
     def accumulator_path(self, job_id: str, rnd: int, folded: int) -> Path:
         return self.round_dir(job_id, rnd) / f"acc-{folded}.f64"
