@@ -52,6 +52,7 @@ from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.metrics import METRICS
 from fl_server.state import TaskRow
+from fl_server.workspace import on_disk
 
 log = logging.getLogger("fl_server.api")
 P = ParamSpec("P")
@@ -311,9 +312,10 @@ async def upload_segment(request: web.Request) -> web.Response:
                 field="body",
             )
         if acked is None:
-            if start == 0:
-                await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
-            await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
+            with on_disk("cannot read back the received segment", spool):
+                if start == 0:
+                    await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
+                await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
         elif digest != acked:
             raise Conflict(
                 f"segment {index} of task {task.task_id} is already held with digest {acked}; "
@@ -361,7 +363,8 @@ async def commit(request: web.Request) -> web.Response:
             field="digest",
         )
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
-    await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
+    with on_disk("cannot read the update to check it", spool):
+        await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
     await db.run(db.commit_task, task.task_id, body.num_samples, body.metrics, digest, time.time())
     request.app[RUNNER].poke(task.job_id)
     log.info(

@@ -44,7 +44,7 @@ from fl_server.controller import (
 from fl_server.modelgen import prepare_initial
 from fl_server.state import StateDB, TaskRow
 from fl_server.threads import run_stoppable
-from fl_server.workspace import Workspace
+from fl_server.workspace import Workspace, on_disk
 
 log = logging.getLogger("fl_server.runner")
 IDLE_RECHECK_S = 5.0
@@ -235,10 +235,11 @@ class JobRunner:
                 log.info("job %s: preparing the initial model", job_id)
                 path = self.ws.model_path(job_id, 0)
                 segment_bytes = self.cfg.segment_bytes
-                man = await run_stoppable(
-                    None, lambda stop: prepare_initial(cfg.model, path, segment_bytes, stop)
-                )
-                await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
+                with on_disk("cannot write the initial model", path):
+                    man = await run_stoppable(
+                        None, lambda stop: prepare_initial(cfg.model, path, segment_bytes, stop)
+                    )
+                    await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
             await self.db.run(self.db.set_model_bytes, job_id, man.file_size)
             if not await self._set_state(job_id, JobState.RUNNING):
                 return
@@ -417,9 +418,10 @@ class JobRunner:
             out = self.ws.accumulator_path(job_id, rnd, count)
             sources = [*before, Source(spool, weight)]
             chunk_bytes = self._chunk_bytes
-            await run_stoppable(
-                None, lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop)
-            )
+            with on_disk(f"cannot fold the update of task {task.task_id}", out):
+                await run_stoppable(
+                    None, lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop)
+                )
         await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
         if before:
             # files of a model's size: unlinking one takes long on some file systems
@@ -452,13 +454,14 @@ class JobRunner:
         started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
         segment_bytes, chunk_bytes = self.cfg.segment_bytes, self._chunk_bytes
-        man = await run_stoppable(
-            None,
-            lambda stop: aggregate.finalize(
-                sources, layout, total, out, segment_bytes, chunk_bytes, stop
-            ),
-        )
-        await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
+        with on_disk(f"cannot write the global model of round {rnd}", out):
+            man = await run_stoppable(
+                None,
+                lambda stop: aggregate.finalize(
+                    sources, layout, total, out, segment_bytes, chunk_bytes, stop
+                ),
+            )
+            await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
         await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
         await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
         log.info(

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+from common.errors import StorageError
 from common.tensorfile import Manifest
+
+
+@contextlib.contextmanager
+def on_disk(what: str, path: Path) -> Iterator[None]:
+    """A failing file system call (ENOSPC, EIO, ...) in the block as a ``StorageError``
+    naming the file and the system's reason."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{what}: {exc.filename or path}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
+def no_partial_file(path: Path) -> Iterator[None]:
+    """If the block fails, remove the ``.part`` file a ``ModelWriter`` of ``path`` left.
+
+    The writer removes it on its own, except when closing the file fails as well: a full
+    disk fails the final flush too, and the partial file would stay.
+    """
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + ".part").unlink(missing_ok=True)
+        raise
 
 
 class Workspace:
