@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import StorageError
+from common.errors import ConfigError, StorageError
 from common.tensorfile import Manifest
 
 
@@ -39,6 +41,30 @@ class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "server.lock"
+
+    def lock(self) -> int:
+        """Take the workspace for this process: a descriptor holding an exclusive lock,
+        released when it is closed or the process ends. A second server on the same
+        workspace would issue the same tasks and write the same files: it is refused
+        with a ``ConfigError`` naming the workspace."""
+        with on_disk("cannot open the workspace's lock file", self.lock_path):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"workspace {self.root} is in use by another fl-server (it holds "
+                f"{self.lock_path}); stop that one or give this one another workspace",
+                field="workspace",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for an operator asking who holds it
+        return fd
 
     @property
     def db_path(self) -> Path:
