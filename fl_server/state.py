@@ -341,12 +341,18 @@ class StateDB:
     def touch_task(
         self, task_id: str, now: float, phase: Phase | None, done: int | None, total: int | None
     ) -> None:
+        """Record progress. Within one phase ``bytes_done`` never goes back: a heartbeat
+        the site sent before a segment's acknowledgement reached it can arrive after the
+        server counted that segment, and must not undo the count."""
+        value = None if phase is None else phase.value
         with self._tx() as c:
+            # SET expressions see the row as it was before this UPDATE
             c.execute(
                 "UPDATE tasks SET last_progress = ?, phase = COALESCE(?, phase), "
-                "bytes_done = COALESCE(?, bytes_done), bytes_total = COALESCE(?, bytes_total) "
-                "WHERE task_id = ?",
-                (now, None if phase is None else phase.value, done, total, task_id),
+                "bytes_done = CASE WHEN ? IS NULL THEN bytes_done "
+                "WHEN COALESCE(?, phase) = phase THEN MAX(bytes_done, ?) ELSE ? END, "
+                "bytes_total = COALESCE(?, bytes_total) WHERE task_id = ?",
+                (now, value, done, value, done, done, total, task_id),
             )
 
     def _check_writable(self, c: sqlite3.Connection, task_id: str) -> None:

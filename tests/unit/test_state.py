@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from common.errors import Conflict, NotFound, StorageError, TaskExpired
-from common.wire import JobState, TaskState
+from common.wire import JobState, Phase, TaskState
 from fl_server.controller import RoundState
 from fl_server.state import StateDB
 
@@ -149,3 +149,17 @@ def test_a_job_moves_only_along_its_transitions(
 def test_an_unknown_job_is_not_found(db: StateDB) -> None:
     with pytest.raises(NotFound, match="no job with id 'nope'"):
         db.set_job_state("nope", JobState.ABORTED, None, NOW)
+
+
+def test_progress_never_goes_back_within_a_phase(db: StateDB) -> None:
+    (t,) = _running_round(db, "a")
+    mib = 1024 * 1024
+    db.touch_task(t, NOW + 1, Phase.UPLOADING, 0, 8 * mib)
+    db.touch_task(t, NOW + 2, Phase.UPLOADING, 2 * mib, 8 * mib)  # two segments counted
+    db.touch_task(t, NOW + 3, Phase.UPLOADING, 1 * mib, 8 * mib)  # a heartbeat sent earlier
+    task = db.get_task(t)
+    assert (task.phase, task.bytes_done, task.last_progress) == (Phase.UPLOADING, 2 * mib, NOW + 3)
+    db.touch_task(t, NOW + 4, None, None, None)  # no figures: kept
+    assert db.get_task(t).bytes_done == 2 * mib
+    db.touch_task(t, NOW + 5, Phase.DONE, 0, 0)  # a new phase counts from its own start
+    assert (db.get_task(t).phase, db.get_task(t).bytes_done) == (Phase.DONE, 0)
