@@ -31,7 +31,10 @@ def _second_server(cluster: Cluster, name: str, **cfg: Any) -> Any:
 def test_a_second_server_on_the_same_workspace_refuses_to_start(cluster: Cluster) -> None:
     cluster.start_server()
     second = _second_server(cluster, "second")
-    second.popen.wait(30)
+    try:
+        second.popen.wait(30)
+    finally:
+        second.stop()  # never left running, whatever happened
     assert second.popen.returncode == 1
     workspace = cluster.root / "server"
     assert log_text(cluster, "second").splitlines() == [
