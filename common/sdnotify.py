@@ -102,9 +102,6 @@ class Notifier:
     def stopping(self, status: str) -> None:
         self.send(STOPPING=1, STATUS=status)
 
-    def status(self, status: str) -> None:
-        self.send(STATUS=status)
-
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

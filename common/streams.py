@@ -20,22 +20,41 @@ from pathlib import Path
 
 import xxhash
 
-from common.errors import SegmentTooLong, SegmentTruncated, TransferError, TransferTimeout
+from common.errors import (
+    SegmentTooLong,
+    SegmentTruncated,
+    StorageError,
+    TransferError,
+    TransferTimeout,
+)
 from common.timeouts import ProgressTimer
+
+
+def _iov_max() -> int:
+    try:
+        return max(16, os.sysconf("SC_IOV_MAX"))  # POSIX guarantees at least 16
+    except (ValueError, OSError):
+        return 16
+
+
+# ``pwritev`` takes at most this many buffers per call and fails with EINVAL beyond; a
+# batch gathered from a slow link can hold many more small chunks than that.
+IOV_MAX = _iov_max()
 
 
 def _write_batch(fd: int, pos: int, batch: list[bytes], hasher: xxhash.xxh3_64) -> None:
     views = [memoryview(b) for b in batch]
-    while views:
-        n = os.pwritev(fd, views, pos)
+    first = 0  # the first view not completely written yet
+    while first < len(views):
+        n = os.pwritev(fd, views[first : first + IOV_MAX], pos)
         pos += n
-        while views and n >= views[0].nbytes:
-            hasher.update(views[0])
-            n -= views[0].nbytes
-            views.pop(0)
+        while first < len(views) and n >= views[first].nbytes:
+            hasher.update(views[first])
+            n -= views[first].nbytes
+            first += 1
         if n:
-            hasher.update(views[0][:n])
-            views[0] = views[0][n:]
+            hasher.update(views[first][:n])
+            views[first] = views[first][n:]
 
 
 async def receive_segment(
@@ -47,8 +66,13 @@ async def receive_segment(
     timer: ProgressTimer,
     read_timeout_s: float | None,
     batch_bytes: int,
+    path: str | os.PathLike[str] | None = None,
 ) -> str:
-    """Write exactly ``length`` bytes from ``chunks`` at ``start`` of ``fd``; return xxh3."""
+    """Write exactly ``length`` bytes from ``chunks`` at ``start`` of ``fd``; return xxh3.
+
+    A failing write (disk full, I/O error) is a ``StorageError`` naming ``path`` (the
+    file ``fd`` is open on) and the system's reason; errors of ``chunks`` pass as they are.
+    """
     hasher = xxhash.xxh3_64()
     pending: asyncio.Future[None] | None = None
     batch: list[bytes] = []
@@ -56,12 +80,21 @@ async def receive_segment(
     pos = start
     received = 0
 
+    async def written(fut: asyncio.Future[None]) -> None:
+        try:
+            await asyncio.shield(fut)
+        except OSError as exc:
+            where = "the segment's file" if path is None else os.fspath(path)
+            raise StorageError(
+                f"cannot write {where}: {exc.strerror or exc}; the segment was not stored"
+            ) from exc
+
     async def hand_over() -> None:
         nonlocal pending, batch, filled, pos
         if pending is not None:
             try:
                 async with asyncio.timeout(read_timeout_s):
-                    await asyncio.shield(pending)
+                    await written(pending)
             except TimeoutError:
                 raise TransferTimeout(
                     f"a received chunk waited more than streaming_read_timeout="
@@ -88,7 +121,7 @@ async def receive_segment(
         if batch:
             await hand_over()
         if pending is not None:
-            await asyncio.shield(pending)
+            await written(pending)
     finally:
         # never let a thread write into an fd the caller is about to close
         if pending is not None and not pending.done():

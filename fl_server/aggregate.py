@@ -22,7 +22,8 @@ equals numpy's ``average(..., weights=...)`` computed in float64 and cast back.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from common.modelio import ModelWriter, fsync_dir
+from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import Layout, Manifest, TensorSpec
+from fl_server.threads import check_stop
+from fl_server.workspace import no_partial_file
 
 ACC_DTYPE = np.dtype("<f8")
 
@@ -44,62 +47,70 @@ class Source:
     weight: float | None
 
 
-def _acc_offsets(layout: Layout) -> list[tuple[TensorSpec, int]]:
-    out, pos = [], 0
+def _acc_layout(layout: Layout) -> Layout:
+    """Where each tensor's float64 sum lies in an accumulator file: the model's tensors
+    in order, ``ACC_DTYPE`` elements, no header."""
+    specs, pos = [], 0
     for spec in layout.tensors:
-        out.append((spec, pos))
-        pos += spec.numel * ACC_DTYPE.itemsize
-    return out
-
-
-def _pread_into(fd: int, out: npt.NDArray[np.generic], pos: int) -> None:
-    view = out.data.cast("B")
-    while view.nbytes:
-        n = os.preadv(fd, [view], pos)
-        if n == 0:
-            raise OSError(f"file ends early at byte {pos}")
-        view, pos = view[n:], pos + n
+        nbytes = spec.numel * ACC_DTYPE.itemsize
+        specs.append(
+            TensorSpec(name=spec.name, dtype="F64", shape=spec.shape, begin=pos, end=pos + nbytes)
+        )
+        pos += nbytes
+    return Layout(tensors=tuple(specs), data_offset=0)
 
 
 def _sums(
-    sources: Sequence[Source], layout: Layout, chunk_bytes: int
+    sources: Sequence[Source], layout: Layout, chunk_bytes: int, stop: threading.Event | None
 ) -> Iterator[tuple[TensorSpec, npt.NDArray[np.float64]]]:
     """Yield (tensor, float64 chunk of the weighted sum), tensor after tensor, in order.
 
     The yielded buffer is reused: the consumer must be done with it before the next one.
+    Raises ``Stopped`` before the next chunk once ``stop`` is set.
     """
     step = max(1, chunk_bytes // ACC_DTYPE.itemsize)
     total = np.empty(step, dtype=ACC_DTYPE)
     term = np.empty(step, dtype=ACC_DTYPE)
     raw = np.empty(step * ACC_DTYPE.itemsize, dtype=np.uint8)
-    fds = [os.open(s.path, os.O_RDONLY) for s in sources]
-    try:
-        for spec, acc_pos in _acc_offsets(layout):
+    acc = _acc_layout(layout)
+    with contextlib.ExitStack() as stack:
+        readers = [
+            stack.enter_context(ModelReader(s.path, acc if s.weight is None else layout))
+            for s in sources
+        ]
+        for spec, acc_spec in zip(layout.tensors, acc.tensors, strict=True):
             isz = spec.np_dtype.itemsize
             for first in range(0, spec.numel, step):
+                check_stop(stop)
                 n = min(step, spec.numel - first)
-                for k, (src, fd) in enumerate(zip(sources, fds, strict=True)):
+                for k, (src, reader) in enumerate(zip(sources, readers, strict=True)):
                     dst = total[:n] if k == 0 else term[:n]
                     if src.weight is None:
-                        _pread_into(fd, dst, acc_pos + first * ACC_DTYPE.itemsize)
+                        reader.read_into(acc_spec, first, dst)
                     else:
                         u = raw[: n * isz].view(spec.np_dtype)
-                        _pread_into(fd, u, layout.data_offset + spec.begin + first * isz)
+                        reader.read_into(spec, first, u)
                         np.multiply(u, src.weight, out=dst, dtype=ACC_DTYPE)
                     if k:
                         np.add(total[:n], dst, out=total[:n])
                 yield spec, total[:n]
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
-def fold(sources: Sequence[Source], layout: Layout, out: Path, chunk_bytes: int) -> None:
-    """Write the weighted sum of ``sources`` as a float64 accumulator at ``out``."""
+def fold(
+    sources: Sequence[Source],
+    layout: Layout,
+    out: Path,
+    chunk_bytes: int,
+    stop: threading.Event | None = None,
+) -> None:
+    """Write the weighted sum of ``sources`` as a float64 accumulator at ``out``.
+
+    ``stop`` ends it early, between chunks, with ``Stopped`` and no partial file.
+    """
     tmp = out.with_name(out.name + ".part")
     try:
         with open(tmp, "wb") as f:
-            for _, chunk in _sums(sources, layout, chunk_bytes):
+            for _, chunk in _sums(sources, layout, chunk_bytes, stop):
                 f.write(chunk.data.cast("B"))
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -114,14 +125,16 @@ def finalize(
     out: Path,
     segment_bytes: int,
     chunk_bytes: int,
+    stop: threading.Event | None = None,
 ) -> Manifest:
-    """Write sum(sources) / total_weight in the model's dtypes as the next global model."""
-    with ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
-        for spec, chunk in _sums(sources, layout, chunk_bytes):
+    """Write sum(sources) / total_weight in the model's dtypes as the next global model.
+
+    ``stop`` ends it early, between chunks, with ``Stopped`` and no partial file.
+    """
+    with no_partial_file(out), ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
+        for spec, chunk in _sums(sources, layout, chunk_bytes, stop):
             np.divide(chunk, total_weight, out=chunk)
             if spec.np_dtype.kind in "iub":
                 np.rint(chunk, out=chunk)
             writer.write(chunk.astype(spec.np_dtype))
-        manifest = writer.finish()
-    fsync_dir(out.parent)
-    return manifest
+        return writer.finish()  # durable: the file and its directory entry are synced

@@ -19,7 +19,8 @@ from common.wire import (
     TaskInfo,
     TaskState,
 )
-from fl_server.app_keys import CONFIG, DB, RUNNER, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, WORKSPACE
+from fl_server.controller import RoundState, is_alive
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.metrics import METRICS
@@ -72,7 +73,8 @@ async def job_status(request: web.Request) -> web.Response:
             rounds=[
                 RoundInfo(
                     round=r.round,
-                    state="closed" if r.state == "closed" else "open",
+                    # a closing round has no global model yet: it shows as open
+                    state="closed" if r.state is RoundState.CLOSED else "open",
                     started_at=r.started_at,
                     closed_at=r.closed_at,
                     num_updates=sum(
@@ -130,6 +132,7 @@ async def job_model(request: web.Request) -> web.StreamResponse:
         path,
         timeout_s=timeout,
         peer=request.remote or "admin",
+        executor=request.app[SENDERS],
         on_sent=request.app[METRICS].result_sent,
     )
 
@@ -145,7 +148,7 @@ async def list_clients(request: web.Request) -> web.Response:
                 name=c.name,
                 last_seen=c.last_seen,
                 seconds_since_seen=round(now - c.last_seen, 3),
-                alive=now - c.last_seen <= gone_after,
+                alive=is_alive(c.last_seen, now, gone_after),
                 phase=c.phase,
                 task_id=c.task_id,
             )

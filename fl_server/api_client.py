@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import ParamSpec
 
 from aiohttp import web
 
@@ -23,6 +25,7 @@ from common.errors import (
     RequestError,
     SegmentBusy,
     SegmentTooLong,
+    StorageError,
     TaskExpired,
 )
 from common.streams import receive_segment
@@ -34,7 +37,6 @@ from common.wire import (
     CommitRequest,
     Heartbeat,
     HeartbeatReply,
-    JobState,
     Phase,
     SegmentAck,
     Task,
@@ -44,13 +46,16 @@ from common.wire import (
     UploadStatus,
 )
 from fl_server import verify
-from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, UPLOADS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, UPLOADS, WORKSPACE
+from fl_server.controller import task_write_refusal
 from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.metrics import METRICS
 from fl_server.state import TaskRow
+from fl_server.workspace import on_disk
 
 log = logging.getLogger("fl_server.api")
+P = ParamSpec("P")
 
 
 async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
@@ -63,22 +68,21 @@ async def _owned_task(request: web.Request, *, writable: bool) -> TaskRow:
     logctx.bind(job=task.job_id, round=task.round, client=task.client, task=task.task_id)
     if not writable:
         return task
-    if task.state is TaskState.COMMITTED:
-        raise Conflict(f"task {task.task_id} is already committed; nothing more to send")
-    if task.state is TaskState.REJECTED:
-        raise Conflict(f"task {task.task_id} was rejected: {task.reason}")
+    # Checked here to refuse early; the write itself checks again in its own
+    # transaction (see StateDB), since the state may change while the body arrives.
     rnd = await db.run(db.get_round, task.job_id, task.round)
     job = await db.run(db.get_job, task.job_id)
-    if (
-        task.state is TaskState.EXPIRED
-        or rnd is None
-        or rnd.state != "open"
-        or job.state is not JobState.RUNNING
-    ):
-        raise TaskExpired(
-            f"task {task.task_id} (job {task.job_id}, round {task.round}) has expired: "
-            f"{task.reason or 'its round has closed'}; ask for a new task"
-        )
+    refusal = task_write_refusal(
+        task_id=task.task_id,
+        job_id=task.job_id,
+        rnd=task.round,
+        state=task.state,
+        reason=task.reason,
+        round_state=None if rnd is None else rnd.state,
+        job_state=job.state,
+    )
+    if refusal is not None:
+        raise refusal
     return task
 
 
@@ -88,12 +92,15 @@ async def heartbeat(request: web.Request) -> web.Response:
     if client != request.match_info["client"]:
         raise Forbidden(f"caller {client!r} cannot send heartbeats for another client")
     hb = await read_json(request, Heartbeat)
-    now = time.time()
-    await db.run(db.touch_client, client, now, hb.phase, hb.task_id)
+    task = None
     if hb.task_id is not None:
+        # checked before anything is written: a refused heartbeat records nothing
         task = await db.run(db.get_task, hb.task_id)
         if task.client != client:
             raise Forbidden(f"task {hb.task_id} belongs to another client")
+    now = time.time()
+    await db.run(db.touch_client, client, now, hb.phase, hb.task_id)
+    if task is not None:
         moved = (hb.phase, hb.bytes_done, hb.bytes_total) != (
             task.phase,
             task.bytes_done,
@@ -158,7 +165,14 @@ async def task_model(request: web.Request) -> web.StreamResponse:
         raise TaskExpired(f"the model of task {task.task_id} is no longer kept")
     timeout = request.app[CONFIG].timeouts.communication_timeout
     on_sent = request.app[METRICS].model_segment_sent
-    return await send_file(request, path, timeout_s=timeout, peer=task.client, on_sent=on_sent)
+    return await send_file(
+        request,
+        path,
+        timeout_s=timeout,
+        peer=task.client,
+        executor=request.app[SENDERS],
+        on_sent=on_sent,
+    )
 
 
 async def upload_status(request: web.Request) -> web.Response:
@@ -177,16 +191,44 @@ async def upload_status(request: web.Request) -> web.Response:
     )
 
 
+async def _open_in_thread(opener: Callable[P, int], *args: P.args, **kwargs: P.kwargs) -> int:
+    """``opener(...)`` (which opens a file descriptor) in a worker thread.
+
+    If the handler is cancelled while the thread runs, the thread still opens the file:
+    the descriptor is closed as soon as it returns, instead of leaking.
+    """
+    opening = asyncio.ensure_future(asyncio.to_thread(opener, *args, **kwargs))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
+
+
 def _open_sink() -> int:
     """Where a segment the server already holds is received again: hashed, not stored."""
     return os.open(os.devnull, os.O_WRONLY)
 
 
 def _open_spool(path: os.PathLike[str], size: int) -> int:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    if os.fstat(fd).st_size != size:
-        os.ftruncate(fd, size)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot open the spool file {path}: {exc.strerror}") from exc
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(
+            f"cannot size the spool file {path} to {size} bytes: {exc.strerror}"
+        ) from exc
     return fd
 
 
@@ -226,11 +268,11 @@ async def upload_segment(request: web.Request) -> web.Response:
         # A segment already acknowledged is never overwritten: a resend after a lost ack
         # is hashed and acknowledged again, anything else (a different, cut or oversized
         # body) leaves the stored bytes as they were.
-        acked = (await db.run(db.segments_of, task.task_id)).get(index)
+        acked = (await db.run(db.open_task_segments, task.task_id)).get(index)
         if acked is None:
-            fd = await asyncio.to_thread(_open_spool, spool, man.file_size)
+            fd = await _open_in_thread(_open_spool, spool, man.file_size)
         else:
-            fd = await asyncio.to_thread(_open_sink)
+            fd = await _open_in_thread(_open_sink)
         timer = ProgressTimer(
             cfg.timeouts.communication_timeout,
             stage=Stage.RECEIVING,
@@ -247,6 +289,7 @@ async def upload_segment(request: web.Request) -> web.Response:
                     timer=timer,
                     read_timeout_s=cfg.timeouts.streaming_read_timeout,
                     batch_bytes=cfg.transfer.io_chunk_bytes,
+                    path=spool if acked is None else os.devnull,
                 )
         except asyncio.CancelledError:
             # the client went away mid-body (or the server is stopping): nothing recorded
@@ -269,21 +312,25 @@ async def upload_segment(request: web.Request) -> web.Response:
                 field="body",
             )
         if acked is None:
-            if start == 0:
-                await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
-            await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
+            with on_disk("cannot read back the received segment", spool):
+                if start == 0:
+                    await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
+                await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
         elif digest != acked:
             raise Conflict(
                 f"segment {index} of task {task.task_id} is already held with digest {acked}; "
                 f"the bytes sent again have digest {digest} and were not stored",
                 field="body",
             )
+        elapsed = time.monotonic() - started
+        # the key is held until the segment is on record: a second upload of the same
+        # index must not write the spool between this one's checks and its record
+        held = await db.run(db.add_segment, task.task_id, index, digest)
     finally:
         busy.discard(key)
         uploads.release(task.client)
-    request.app[METRICS].update_segment_received(end - start, time.monotonic() - started)
+    request.app[METRICS].update_segment_received(end - start, elapsed)
     now = time.time()
-    held = await db.run(db.add_segment, task.task_id, index, digest)
     done_bytes = min(man.file_size, held * man.segment_bytes)
     await db.run(db.touch_task, task.task_id, now, Phase.UPLOADING, done_bytes, man.file_size)
     request.app[RUNNER].poke(task.job_id)
@@ -316,7 +363,8 @@ async def commit(request: web.Request) -> web.Response:
             field="digest",
         )
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
-    await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
+    with on_disk("cannot read the update to check it", spool):
+        await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
     await db.run(db.commit_task, task.task_id, body.num_samples, body.metrics, digest, time.time())
     request.app[RUNNER].poke(task.job_id)
     log.info(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 from aiohttp import web
 
 from common.config import ServerConfig
@@ -17,4 +19,5 @@ WORKSPACE = web.AppKey("workspace", Workspace)
 RUNNER = web.AppKey("runner", JobRunner)
 UPLOADS = web.AppKey("uploads", set[tuple[str, int]])
 LIMITS = web.AppKey("limits", Limits)
+SENDERS = web.AppKey("senders", Executor)  # threads of plain-HTTP file sends (filesend)
 CALLER = web.RequestKey("caller", Identity)  # set by fl_server.auth when TLS is on

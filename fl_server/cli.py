@@ -30,11 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     from fl_server.app import serve
 
     try:
-        uvloop.run(serve(cfg))
+        return uvloop.run(serve(cfg))  # 1 when the job loops failed (logged)
     except FLError as err:
         print(f"fl-server: {err.message}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"fl-server: cannot serve on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
         return 1
-    return 0

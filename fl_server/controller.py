@@ -19,7 +19,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from common.errors import Conflict, JobError
+from common.errors import Conflict, TaskExpired
 from common.wire import JobState, TaskState
 
 JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
@@ -28,6 +28,23 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.FINISHED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.ABORTED: frozenset(),
+}
+
+
+class RoundState(enum.StrEnum):
+    """A round takes tasks while ``OPEN``; ``CLOSING`` while its aggregate is computed
+    (no task is issued, committed or rejected any more); ``CLOSED`` once the next global
+    model is on disk and the job has advanced."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+ROUND_TRANSITIONS: Mapping[RoundState, frozenset[RoundState]] = {
+    RoundState.OPEN: frozenset({RoundState.CLOSING}),
+    RoundState.CLOSING: frozenset({RoundState.CLOSED}),
+    RoundState.CLOSED: frozenset(),
 }
 
 TASK_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
@@ -40,9 +57,44 @@ TASK_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
 TERMINAL_JOB_STATES = frozenset(s for s, nxt in JOB_TRANSITIONS.items() if not nxt)
 
 
+def job_predecessors(new: JobState) -> frozenset[JobState]:
+    """The states a job may be in to become ``new`` (from ``JOB_TRANSITIONS``)."""
+    return frozenset(s for s, nxt in JOB_TRANSITIONS.items() if new in nxt)
+
+
 def check_job_transition(job_id: str, current: JobState, new: JobState) -> None:
     if new not in JOB_TRANSITIONS[current]:
         raise Conflict(f"job {job_id} is {current.value} and cannot become {new.value}")
+
+
+def task_write_refusal(
+    *,
+    task_id: str,
+    job_id: str,
+    rnd: int,
+    state: TaskState,
+    reason: str | None,
+    round_state: RoundState | None,
+    job_state: JobState,
+) -> Conflict | None:
+    """Why a site may no longer send to this task (upload, commit, fail), or None.
+
+    Only an assigned task of an open round of a running job takes writes.
+    """
+    if state is TaskState.COMMITTED:
+        return Conflict(f"task {task_id} is already committed; nothing more to send")
+    if state is TaskState.REJECTED:
+        return Conflict(f"task {task_id} was rejected: {reason}")
+    if (
+        state is TaskState.EXPIRED
+        or round_state is not RoundState.OPEN
+        or job_state is not JobState.RUNNING
+    ):
+        return TaskExpired(
+            f"task {task_id} (job {job_id}, round {rnd}) has expired: "
+            f"{reason or 'its round has closed'}; ask for a new task"
+        )
+    return None
 
 
 def check_task_transition(task_id: str, current: TaskState, new: TaskState) -> None:
@@ -123,6 +175,11 @@ def decide_round(
     return Decision(Action.WAIT)
 
 
+def is_alive(last_seen: float, now: float, gone_after_s: float) -> bool:
+    """A site counts as connected while it was heard from within ``gone_after_s``."""
+    return now - last_seen <= gone_after_s
+
+
 def count_joinable(
     alive: Iterable[str], allowed: Iterable[str] | None, round_tasks: Iterable[TaskView]
 ) -> int:
@@ -137,7 +194,3 @@ def may_take_part(
     if allowed is not None and client not in set(allowed):
         return False
     return all(t.client != client for t in round_tasks)
-
-
-def quorum_failure(job_id: str, reason: str) -> JobError:
-    return JobError(f"job {job_id} failed: {reason}")

@@ -12,9 +12,15 @@ transport, which stays idle while the body goes out: the thread waits for the so
 to be writable with ``poll`` and calls ``sendfile``; the event loop only watches the
 progress timer. When the handler is cancelled (the client went away, the server is
 stopping) or the timer fires, the thread is told to stop and the handler waits for it
-before returning, so no thread ever writes to a socket the transport has closed (its
-descriptor number could already belong to another connection). Over TLS the kernel
-cannot encrypt, so the range goes through the transport in bounded chunks instead.
+before returning (``fl_server.threads``), so no thread ever writes to a socket the
+transport has closed (its descriptor number could already belong to another
+connection). Over TLS the kernel cannot encrypt, so the range goes through the
+transport in bounded chunks instead.
+
+The threads are the application's own pool (``send_executor``), not the event loop's
+default one: a send holds its thread for the whole range, minutes for a large model,
+and eight of them (two sites, four segments each) would otherwise take every thread
+the database and disk calls of all other requests and of the job loops wait for.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -34,10 +41,15 @@ from aiohttp import web
 from common.errors import RangeNotSatisfiable, TransferTimeout
 from common.streams import file_range_chunks
 from common.timeouts import ProgressTimer, Stage
+from fl_server.threads import run_stoppable
 
 log = logging.getLogger("fl_server.filesend")
 POLL_MS = 200
 TLS_CHUNK_BYTES = 1024 * 1024
+# Plain-HTTP ranges sent at once (sites x transfer.window, plus admin downloads); more
+# wait for a free thread, under their progress timer. A sending thread mostly waits in
+# poll() for the peer: it costs a stack, not a core.
+SEND_THREADS = 32
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -68,13 +80,18 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def send_executor() -> ThreadPoolExecutor:
+    """The pool ``send_file`` sends in; its owner shuts it down (see ``fl_server.app``)."""
+    return ThreadPoolExecutor(max_workers=SEND_THREADS, thread_name_prefix="fl-sendfile")
+
+
 def _sendfile_loop(
+    stop: threading.Event,
     sock_fd: int,
     path: Path,
     start: int,
     end: int,
     progress: Callable[[int], None],
-    stop: threading.Event,
 ) -> None:
     """Blocking: move file bytes [start, end) to the socket, until done or ``stop``."""
     fd = os.open(path, os.O_RDONLY)
@@ -109,9 +126,12 @@ async def send_file(
     *,
     timeout_s: float | None,
     peer: str,
+    executor: Executor,
     on_sent: Callable[[int, float], None] | None = None,
 ) -> web.StreamResponse:
     """Answer ``request`` with ``path`` (honouring one ``Range``), zero-copy where possible.
+
+    Plain-HTTP sends run in ``executor`` (see ``send_executor``).
 
     ``timeout_s`` is the sending stage of ``communication_timeout``: a peer that takes
     nothing for that long is dropped, with a ``TransferTimeout`` naming it.
@@ -148,18 +168,9 @@ async def send_file(
                 await response.drain()
                 while transport.get_write_buffer_size():  # noqa: ASYNC110
                     await asyncio.sleep(0.001)
-                stop = threading.Event()
-                job = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        _sendfile_loop, sock.fileno(), path, start, end, timer.progress, stop
-                    )
+                await run_stoppable(
+                    executor, _sendfile_loop, sock.fileno(), path, start, end, timer.progress
                 )
-                try:
-                    await asyncio.shield(job)
-                finally:
-                    stop.set()
-                    if not job.done():
-                        await asyncio.wait([job])
     except asyncio.CancelledError:
         log.info(
             "%s to %s cancelled after %d bytes (connection closed)", what, peer, timer.bytes_moved

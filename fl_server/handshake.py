@@ -16,11 +16,12 @@ An SSL object knows its context, not its connection; so each handshake in progre
 borrows a context of its own from ``ContextPool`` and the context points at the
 connection's ``Attempt`` until the handshake is over. The object binds that attempt at
 its first call, so a later call can never report into another connection's attempt.
-When the pool is at its size limit a handshake uses a shared context without an
-attempt, and a refusal goes the ordinary way: closed without an alert, the reason still
-logged. Security never depends on any of this: a refused handshake raises its error
-again on every later call, and a connection is used only after the handshake succeeded
-without a recorded error.
+The pool makes all its contexts at start-up (making one reads the certificate, key and
+CA files, which must not happen on the event loop while it serves). When all are
+borrowed a handshake uses a shared context without an attempt, and a refusal goes the
+ordinary way: closed without an alert, the reason still logged. Security never depends
+on any of this: a refused handshake raises its error again on every later call, and a
+connection is used only after the handshake succeeded without a recorded error.
 """
 
 from __future__ import annotations
@@ -96,29 +97,23 @@ def _send_now(sock: socket.socket, data: bytes) -> None:
 
 
 class ContextPool:
-    """Server contexts for handshakes in progress, made by ``make`` as needed, up to
-    ``max_size`` (each holds the certificate, key and CA: well under 1 ms to make)."""
+    """``size`` server contexts for handshakes in progress, and a shared one, all made by
+    ``make`` at once (blocking: each reads the certificate, key and CA, under 1 ms)."""
 
-    def __init__(self, make: Callable[[], AttemptContext], max_size: int) -> None:
-        self._make = make
-        self._max_size = max_size
-        self._free: list[AttemptContext] = []
-        self._made = 0
-        self._shared = self._new()  # fails at start-up if the files are unusable
+    def __init__(self, make: Callable[[], AttemptContext], size: int) -> None:
+        self._shared = self._new(make)  # fails at start-up if the files are unusable
+        self._free = [self._new(make) for _ in range(size)]
 
-    def _new(self) -> AttemptContext:
-        ctx = self._make()
+    @staticmethod
+    def _new(make: Callable[[], AttemptContext]) -> AttemptContext:
+        ctx = make()
         ctx.sslobject_class = _ReportingSSLObject
         return ctx
 
     def acquire(self, attempt: Attempt) -> AttemptContext:
-        if self._free:
-            ctx = self._free.pop()
-        elif self._made < self._max_size:
-            ctx = self._new()
-            self._made += 1
-        else:
+        if not self._free:
             return self._shared  # attempt stays unknown to it: refusals without an alert
+        ctx = self._free.pop()
         ctx.attempt = attempt
         return ctx
 

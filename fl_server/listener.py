@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -38,14 +37,6 @@ from common.tls import certificate_info, describe_handshake_failure, server_cont
 from fl_server.handshake import Attempt, AttemptContext, ContextPool
 
 log = logging.getLogger("fl_server.listener")
-
-
-@dataclass(frozen=True)
-class GateStatistics:
-    open_connections: int
-    setting_up: int
-    refused_busy: int
-    handshakes_failed: int
 
 
 class Gate:
@@ -65,8 +56,6 @@ class Gate:
         self._contexts = contexts
         self._handshake_timeout_s = handshake_timeout_s
         self._setting_up: set[asyncio.Task[None]] = set()
-        self._refused_busy = 0
-        self._handshakes_failed = 0
 
     @property
     def tls(self) -> bool:
@@ -74,14 +63,6 @@ class Gate:
 
     def open_connections(self) -> int:
         return len(self._setting_up) + len(self._main.connections) + len(self._busy.connections)
-
-    def statistics(self) -> GateStatistics:
-        return GateStatistics(
-            open_connections=self.open_connections(),
-            setting_up=len(self._setting_up),
-            refused_busy=self._refused_busy,
-            handshakes_failed=self._handshakes_failed,
-        )
 
     async def _answer_busy(self, request: web.BaseRequest) -> web.StreamResponse:
         err = ServerBusy(
@@ -97,7 +78,6 @@ class Gate:
         server = self._main
         if self.open_connections() >= self._max_connections:
             server = self._busy
-            self._refused_busy += 1
             log.warning(
                 "connection from %s answered 503: %d connections open (limits.max_connections)",
                 peer,
@@ -135,7 +115,6 @@ class Gate:
             transport.close()
 
     def _refuse(self, attempt: Attempt, exc: BaseException) -> None:
-        self._handshakes_failed += 1
         reason = describe_handshake_failure(attempt.error or exc)
         log.warning("TLS handshake with %s refused: %s", attempt.peer, reason)
 
@@ -232,13 +211,18 @@ CERT_WARN_BEFORE = timedelta(days=30)
 BACKLOG = 256
 
 
-def build_site(runner: web.AppRunner, cfg: ServerConfig) -> GatedSite:
-    """The site the server listens on: TLS if configured, and the connection limit."""
+def build_contexts(cfg: ServerConfig) -> ContextPool | None:
+    """The TLS contexts of all handshakes, None without TLS (blocking: reads the
+    certificate, key and CA files; call once at start-up, in a worker thread)."""
+    if cfg.tls is None:
+        return None
+    files = cfg.tls
+    return ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
+
+
+def build_site(runner: web.AppRunner, cfg: ServerConfig, contexts: ContextPool | None) -> GatedSite:
+    """The site the server listens on: TLS if ``contexts``, and the connection limit."""
     assert runner.server is not None, "runner.setup() first"
-    contexts = None
-    if cfg.tls is not None:
-        files = cfg.tls
-        contexts = ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
     gate = Gate(
         runner.server,
         max_connections=cfg.limits.max_connections,

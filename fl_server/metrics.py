@@ -31,7 +31,7 @@ from common.config import ServerConfig
 from common.errors import FLError
 from common.metrics import METRICS_PATH, THROUGHPUT_BUCKETS_BPS, metrics_handler, new_registry
 from common.wire import JobState, Phase, TaskState
-from fl_server.controller import TERMINAL_JOB_STATES
+from fl_server.controller import TERMINAL_JOB_STATES, RoundState, is_alive
 from fl_server.http_util import Handler
 from fl_server.state import StateDB
 
@@ -127,7 +127,7 @@ class StateCollector(Collector):
         durations = []
         for job in jobs:
             for rnd in self.db.list_rounds(job.job_id):
-                if rnd.state == "closed" and rnd.closed_at is not None:
+                if rnd.state is RoundState.CLOSED and rnd.closed_at is not None:
                     durations.append(rnd.closed_at - rnd.started_at)
         yield CounterMetricFamily(
             "fl_server_rounds_completed", "Rounds closed, over all jobs.", value=len(durations)
@@ -141,7 +141,7 @@ class StateCollector(Collector):
         )
 
         clients = self.db.list_clients()
-        alive = sum(now - c.last_seen <= self.cfg.client_gone_after_s for c in clients)
+        alive = sum(is_alive(c.last_seen, now, self.cfg.client_gone_after_s) for c in clients)
         yield GaugeMetricFamily(
             "fl_server_clients_alive", "Sites heard from within client_gone_after_s.", value=alive
         )

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import math
-import shutil
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from common.config import MIB, FileModel, GeneratedModel
-from common.modelio import ModelWriter, compute_manifest, read_layout
+from common.digest import SegmentHasher, whole_digest
+from common.errors import ModelFormatError
+from common.modelio import ModelWriter, fsync_dir, read_layout
 from common.tensorfile import Manifest, st_dtype
+from fl_server.threads import check_stop
+from fl_server.workspace import no_partial_file
 
 # Small on purpose: the server's memory must not depend on how large a tensor is.
 GENERATE_CHUNK_BYTES = 1024 * 1024
+COPY_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def tensor_shape(spec: GeneratedModel) -> tuple[int, ...]:
@@ -24,7 +30,9 @@ def tensor_shape(spec: GeneratedModel) -> tuple[int, ...]:
     return (max(1, int(spec.tensor_mib * MIB) // itemsize),)
 
 
-def generate(spec: GeneratedModel, path: Path, segment_bytes: int) -> Manifest:
+def generate(
+    spec: GeneratedModel, path: Path, segment_bytes: int, stop: threading.Event | None = None
+) -> Manifest:
     dtype = np.dtype(spec.dtype)
     shape = tensor_shape(spec)
     numel = math.prod(shape)
@@ -32,10 +40,11 @@ def generate(spec: GeneratedModel, path: Path, segment_bytes: int) -> Manifest:
     step = max(1, GENERATE_CHUNK_BYTES // dtype.itemsize)
     # numpy draws normals in float32 or float64 only; float16 is drawn in float32
     draw = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
-    with ModelWriter(path, tensors, segment_bytes=segment_bytes) as writer:
+    with no_partial_file(path), ModelWriter(path, tensors, segment_bytes=segment_bytes) as writer:
         for i in range(spec.num_tensors):
             rng = np.random.default_rng([spec.seed, i])
             for first in range(0, numel, step):
+                check_stop(stop)  # the writer removes its partial file
                 n = min(step, numel - first)
                 if spec.init == "normal":
                     chunk = rng.standard_normal(n, dtype=draw).astype(dtype, copy=False)
@@ -47,16 +56,51 @@ def generate(spec: GeneratedModel, path: Path, segment_bytes: int) -> Manifest:
         return writer.finish()
 
 
-def from_file(spec: FileModel, path: Path, segment_bytes: int) -> Manifest:
-    read_layout(spec.path)  # fail early, with the format error, before copying
+def from_file(
+    spec: FileModel, path: Path, segment_bytes: int, stop: threading.Event | None = None
+) -> Manifest:
+    """Copy the user's file in chunks, hashing its segments on the way (one read)."""
+    layout = read_layout(spec.path)  # fail early, with the format error, before copying
     tmp = path.with_name(path.name + ".part")
-    shutil.copyfile(spec.path, tmp)
-    tmp.replace(path)
-    return compute_manifest(path, segment_bytes)
+    hasher = SegmentHasher(segment_bytes)
+    buf = bytearray(COPY_CHUNK_BYTES)
+    try:
+        with open(spec.path, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
+            while got := src.readinto(buf):
+                check_stop(stop)
+                view = memoryview(buf)[:got]
+                hasher.feed(view)
+                while view:
+                    view = view[dst.write(view) or 0 :]
+            if dst.tell() != layout.file_size:
+                raise ModelFormatError(
+                    f"model.path: {spec.path} changed while it was copied "
+                    f"({dst.tell()} bytes, its header says {layout.file_size})"
+                )
+            os.fsync(dst.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    digests = tuple(hasher.finish())
+    return Manifest(
+        layout=layout,
+        segment_bytes=segment_bytes,
+        segment_digests=digests,
+        digest=whole_digest(digests),
+    )
 
 
-def prepare_initial(spec: GeneratedModel | FileModel, path: Path, segment_bytes: int) -> Manifest:
+def prepare_initial(
+    spec: GeneratedModel | FileModel,
+    path: Path,
+    segment_bytes: int,
+    stop: threading.Event | None = None,
+) -> Manifest:
+    """Write the job's initial model at ``path``; ``stop`` (checked once per chunk) ends
+    it early with ``Stopped``, leaving no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(spec, GeneratedModel):
-        return generate(spec, path, segment_bytes)
-    return from_file(spec, path, segment_bytes)
+        return generate(spec, path, segment_bytes, stop)
+    return from_file(spec, path, segment_bytes, stop)

@@ -5,15 +5,24 @@ job decides comes from ``controller.decide_round`` over the state in SQLite, so 
 restarted server resumes a job exactly where its last committed transaction left it:
 finished rounds are never redone, folded updates never refolded, committed updates
 never lost. HTTP handlers change state and ``poke`` the job; the job loop re-reads.
+
+Long work (the initial model, folds, the next global model) runs in threads through
+``fl_server.threads.run_stoppable``: cancelling the job's loop, because the server is
+stopping or an admin aborted the job, stops it within one chunk and removes its partial
+file. A job that ends without finishing (aborted, failed) gives up its open tasks and
+the files of its unfinished rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
+from pathlib import Path
 
 from common import logctx
 from common.config import JobConfig, ServerConfig
@@ -25,19 +34,30 @@ from fl_server.aggregate import Source
 from fl_server.controller import (
     TERMINAL_JOB_STATES,
     Action,
+    RoundState,
     TaskView,
-    check_job_transition,
     count_joinable,
     decide_round,
+    is_alive,
     may_take_part,
 )
 from fl_server.modelgen import prepare_initial
 from fl_server.state import StateDB, TaskRow
-from fl_server.workspace import Workspace
+from fl_server.threads import run_stoppable
+from fl_server.workspace import Workspace, on_disk
 
 log = logging.getLogger("fl_server.runner")
 IDLE_RECHECK_S = 5.0
 CLIENT_WAIT_RECHECK_S = 0.5
+
+
+# a job that ended without finishing: nothing of its unfinished rounds is kept
+UNFINISHED_JOB_STATES = frozenset({JobState.ABORTED, JobState.FAILED})
+
+
+def _unlink(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _view(t: TaskRow) -> TaskView:
@@ -50,6 +70,7 @@ class JobRunner:
         self.ws = ws
         self.db = db
         self._wake: dict[str, asyncio.Event] = {}
+        self._drives: dict[str, asyncio.Task[None]] = {}
         self._started: asyncio.Queue[str] = asyncio.Queue()
         self._issue_lock = asyncio.Lock()
         self.tasks_changed = asyncio.Condition()
@@ -70,11 +91,13 @@ class JobRunner:
         return job_id
 
     async def abort(self, job_id: str) -> None:
-        job = await self.db.run(self.db.get_job, job_id)
-        check_job_transition(job_id, job.state, JobState.ABORTED)
+        """Abort the job; ``Conflict`` naming its state if it has already ended."""
         await self.db.run(
             self.db.set_job_state, job_id, JobState.ABORTED, "aborted by admin", time.time()
         )
+        drive = self._drives.get(job_id)
+        if drive is not None:
+            drive.cancel()  # long work in progress stops within one chunk
         self.poke(job_id)
         log.info("job %s aborted by admin", job_id)
 
@@ -101,21 +124,28 @@ class JobRunner:
         async with self._issue_lock:
             for t in await self.db.run(self.db.assigned_tasks_of, client):
                 rnd = await self.db.run(self.db.get_round, t.job_id, t.round)
-                if rnd is not None and rnd.state == "open":
+                held = await self.db.run(self.db.get_job, t.job_id)
+                if (
+                    rnd is not None
+                    and rnd.state is RoundState.OPEN
+                    and held.state is JobState.RUNNING
+                ):
                     return t
             for job in await self.db.run(self.db.list_jobs):
                 if job.state is not JobState.RUNNING:
                     continue
                 r = job.round_done + 1
                 rnd = await self.db.run(self.db.get_round, job.job_id, r)
-                if rnd is None or rnd.state != "open":
+                if rnd is None or rnd.state is not RoundState.OPEN:
                     continue
                 cfg = await self.job_config(job.job_id)
                 views = [_view(t) for t in await self.db.run(self.db.round_tasks, job.job_id, r)]
                 if not may_take_part(client, cfg.clients, views):
                     continue
                 task_id = uuid.uuid4().hex[:16]
-                await self.db.run(self.db.create_task, task_id, job.job_id, r, client, time.time())
+                now = time.time()
+                if not await self.db.run(self.db.create_task, task_id, job.job_id, r, client, now):
+                    continue  # the round began closing, or the job ended, meanwhile
                 ids = logctx.ids(job=job.job_id, round=r, client=client, task=task_id)
                 log.info(
                     "job %s round %d: task %s issued to %s",
@@ -132,6 +162,8 @@ class JobRunner:
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             for job in await self.db.run(self.db.list_jobs):
+                if job.state in UNFINISHED_JOB_STATES:
+                    await self._end_job(job.job_id)  # the server stopped before it was done
                 if job.state not in TERMINAL_JOB_STATES:
                     log.info("resuming job %s at round %d", job.job_id, job.round_done + 1)
                     tg.create_task(self._run_job(job.job_id))
@@ -143,28 +175,55 @@ class JobRunner:
         async with self.tasks_changed:
             self.tasks_changed.notify_all()
 
-    async def _set_state(self, job_id: str, state: JobState, reason: str | None = None) -> None:
-        job = await self.db.run(self.db.get_job, job_id)
-        check_job_transition(job_id, job.state, state)
-        await self.db.run(self.db.set_job_state, job_id, state, reason, time.time())
+    async def _set_state(self, job_id: str, state: JobState, reason: str | None = None) -> bool:
+        """Move the job on; False (and a log line) if it was moved elsewhere meanwhile
+        (an admin's abort): the write is conditional, see ``StateDB.set_job_state``."""
+        try:
+            await self.db.run(self.db.set_job_state, job_id, state, reason, time.time())
+        except Conflict as err:
+            log.info("job %s: not %s: %s", job_id, state.value, err.message)
+            return False
+        return True
 
     async def _run_job(self, job_id: str) -> None:
         self._wake[job_id] = asyncio.Event()
         logctx.bind(job=job_id)  # this job's own task: every line it logs names the job
+        # a task of its own, that abort() can cancel without stopping the server
+        drive = asyncio.create_task(self._drive_job(job_id), name=f"job {job_id}")
+        self._drives[job_id] = drive
         try:
-            await self._drive_job(job_id)
-        except FLError as err:
-            log.error("job %s failed: %s", job_id, err.message)
-            await self._fail(job_id, err.message)
-        except Exception as exc:
-            log.exception("job %s failed on an internal error", job_id)
-            await self._fail(job_id, f"internal error: {exc!r} (see server log)")
+            try:
+                await drive
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # the server is stopping: the job resumes at the next start
+                log.info("job %s: work in progress stopped by its abort", job_id)
+            except FLError as err:
+                log.error("job %s failed: %s", job_id, err.message)
+                await self._fail(job_id, err.message)
+            except Exception as exc:
+                log.exception("job %s failed on an internal error", job_id)
+                await self._fail(job_id, f"internal error: {exc!r} (see server log)")
+            await self._end_job(job_id)
         finally:
+            self._drives.pop(job_id, None)
             self._wake.pop(job_id, None)
 
-    async def _fail(self, job_id: str, reason: str) -> None:
+    async def _end_job(self, job_id: str) -> None:
+        """A job that ended without finishing: its open tasks expire, and the files of its
+        unfinished rounds (spools, accumulators: up to a model per site) are removed."""
         job = await self.db.run(self.db.get_job, job_id)
-        if job.state not in TERMINAL_JOB_STATES:
+        if job.state not in UNFINISHED_JOB_STATES:
+            return
+        tasks = await self.db.run(self.db.job_tasks, job_id)
+        open_ids = [t.task_id for t in tasks if t.state is TaskState.ASSIGNED]
+        if open_ids:
+            await self.db.run(self.db.expire_tasks, open_ids, f"job {job.state.value}")
+        await asyncio.to_thread(shutil.rmtree, self.ws.rounds_dir(job_id), True)
+
+    async def _fail(self, job_id: str, reason: str) -> None:
+        with contextlib.suppress(Conflict):  # it ended otherwise meanwhile
             await self.db.run(self.db.set_job_state, job_id, JobState.FAILED, reason, time.time())
 
     async def _drive_job(self, job_id: str) -> None:
@@ -175,15 +234,15 @@ class JobRunner:
             if man is None:
                 log.info("job %s: preparing the initial model", job_id)
                 path = self.ws.model_path(job_id, 0)
-                man = await asyncio.to_thread(
-                    prepare_initial, cfg.model, path, self.cfg.segment_bytes
-                )
-                await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
+                segment_bytes = self.cfg.segment_bytes
+                with on_disk("cannot write the initial model", path):
+                    man = await run_stoppable(
+                        None, lambda stop: prepare_initial(cfg.model, path, segment_bytes, stop)
+                    )
+                    await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
             await self.db.run(self.db.set_model_bytes, job_id, man.file_size)
-            job = await self.db.run(self.db.get_job, job_id)
-            if job.state is not JobState.PENDING:
+            if not await self._set_state(job_id, JobState.RUNNING):
                 return
-            await self._set_state(job_id, JobState.RUNNING)
             log.info("job %s running: model of %d bytes", job_id, man.file_size)
         while True:
             job = await self.db.run(self.db.get_job, job_id)
@@ -191,8 +250,8 @@ class JobRunner:
                 return
             rnd = job.round_done + 1
             if rnd > cfg.num_rounds:
-                await self._set_state(job_id, JobState.FINISHED)
-                log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
+                if await self._set_state(job_id, JobState.FINISHED):
+                    log.info("job %s finished after %d rounds", job_id, cfg.num_rounds)
                 return
             fresh = await self.db.run(self.db.get_round, job_id, rnd) is None
             if fresh and not await self._wait_for_clients(job_id, cfg):
@@ -206,7 +265,7 @@ class JobRunner:
         return [
             c.name
             for c in await self.db.run(self.db.list_clients)
-            if now - c.last_seen <= self.cfg.client_gone_after_s
+            if is_alive(c.last_seen, now, self.cfg.client_gone_after_s)
             and (cfg.clients is None or c.name in cfg.clients)
         ]
 
@@ -269,16 +328,20 @@ class JobRunner:
         tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
         await asyncio.to_thread(self._clean_round_dir, job_id, rnd, tasks)
         layout = (await self.manifest(job_id, rnd - 1)).layout
+        state = await self.db.run(self.db.get_round, job_id, rnd)
+        if state is not None and state.state is RoundState.CLOSING:
+            # the server stopped while aggregating: finish that, with the same tasks;
+            # the round never takes new tasks again
+            log.info("job %s round %d: closing again after a restart", job_id, rnd)
+            await self._close(job_id, rnd, layout, tasks)
+            return
         wake = self._wake[job_id]
         opened = time.monotonic()
         while True:
             wake.clear()
             job = await self.db.run(self.db.get_job, job_id)
             if job.state is not JobState.RUNNING:
-                tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
-                open_ids = [t.task_id for t in tasks if t.state is TaskState.ASSIGNED]
-                await self.db.run(self.db.expire_tasks, open_ids, f"job {job.state.value}")
-                return
+                return  # its open tasks expire in _end_job
             tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
             unfolded = [t for t in tasks if t.state is TaskState.COMMITTED and not t.folded]
             now = time.time()
@@ -286,7 +349,7 @@ class JobRunner:
             alive = [
                 c.name
                 for c in await self.db.run(self.db.list_clients)
-                if now - c.last_seen <= self.cfg.client_gone_after_s
+                if is_alive(c.last_seen, now, self.cfg.client_gone_after_s)
             ]
             decision = decide_round(
                 views,
@@ -303,6 +366,11 @@ class JobRunner:
                     ids = logctx.ids(task=tid)
                     log.warning("job %s round %d: task %s expired", job_id, rnd, tid, extra=ids)
             if decision.action is Action.CLOSE:
+                # From here on no task is issued, committed or rejected in this round; the
+                # tasks read after that are exactly the ones the aggregate is made of (a
+                # task issued since the decision is expired by close_round).
+                await self.db.run(self.db.begin_closing, job_id, rnd)
+                tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
                 await self._close(job_id, rnd, layout, tasks)
                 return
             if unfolded:
@@ -311,8 +379,9 @@ class JobRunner:
                 continue
             if decision.action is Action.FAIL:
                 assert decision.reason is not None
-                log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
-                await self._set_state(job_id, JobState.FAILED, f"round {rnd}: {decision.reason}")
+                reason = f"round {rnd}: {decision.reason}"
+                if await self._set_state(job_id, JobState.FAILED, reason):
+                    log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
                 return
             if (
                 cfg.wait_for_clients_s is not None
@@ -347,14 +416,16 @@ class JobRunner:
         started = time.monotonic()
         if before:
             out = self.ws.accumulator_path(job_id, rnd, count)
-            await asyncio.to_thread(
-                aggregate.fold, [*before, Source(spool, weight)], layout, out, self._chunk_bytes
-            )
+            sources = [*before, Source(spool, weight)]
+            chunk_bytes = self._chunk_bytes
+            with on_disk(f"cannot fold the update of task {task.task_id}", out):
+                await run_stoppable(
+                    None, lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop)
+                )
         await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
         if before:
-            for src in before:
-                src.path.unlink(missing_ok=True)
-            spool.unlink(missing_ok=True)
+            # files of a model's size: unlinking one takes long on some file systems
+            await asyncio.to_thread(_unlink, [*(s.path for s in before), spool])
         log.info(
             "job %s round %d: update of %s (task %s, weight %g) folded in %.2f s",
             job_id,
@@ -382,16 +453,15 @@ class JobRunner:
                 total += t.num_samples
         started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
-        man = await asyncio.to_thread(
-            aggregate.finalize,
-            sources,
-            layout,
-            total,
-            out,
-            self.cfg.segment_bytes,
-            self._chunk_bytes,
-        )
-        await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
+        segment_bytes, chunk_bytes = self.cfg.segment_bytes, self._chunk_bytes
+        with on_disk(f"cannot write the global model of round {rnd}", out):
+            man = await run_stoppable(
+                None,
+                lambda stop: aggregate.finalize(
+                    sources, layout, total, out, segment_bytes, chunk_bytes, stop
+                ),
+            )
+            await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
         await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
         await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
         log.info(

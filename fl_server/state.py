@@ -8,6 +8,7 @@ transaction under one lock, so the async side can call them from worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import threading
@@ -17,8 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from common.errors import NotFound
+from common.errors import NotFound, StorageError
 from common.wire import JobState, Phase, TaskState
+from fl_server.controller import (
+    RoundState,
+    check_job_transition,
+    job_predecessors,
+    task_write_refusal,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,7 +72,7 @@ class JobRow:
 class RoundRow:
     job_id: str
     round: int
-    state: str
+    state: RoundState
     started_at: float
     closed_at: float | None
     folded: int
@@ -106,6 +113,12 @@ def _job(r: sqlite3.Row) -> JobRow:
     return JobRow(**d)
 
 
+def _round(r: sqlite3.Row) -> RoundRow:
+    d = dict(r)
+    d["state"] = RoundState(d["state"])
+    return RoundRow(**d)
+
+
 def _task(r: sqlite3.Row) -> TaskRow:
     d = dict(r)
     d["state"] = TaskState(d["state"])
@@ -114,40 +127,64 @@ def _task(r: sqlite3.Row) -> TaskRow:
     return TaskRow(**d)
 
 
+def _no_job(job_id: str) -> NotFound:
+    return NotFound(f"no job with id {job_id!r} (see 'fl-admin list')", field="job_id")
+
+
+def _no_task(task_id: str) -> NotFound:
+    return NotFound(f"no task with id {task_id!r}", field="task_id")
+
+
 class StateDB:
+    """The server's state; a failing database (disk full, I/O error, corrupt file) is a
+    ``StorageError`` naming the file: ``sqlite3`` errors never get past this class."""
+
     def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self.path = path
         self._lock = threading.Lock()
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(SCHEMA)
+        with self._storage():
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(SCHEMA)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._storage():
             self._conn.close()
 
     @contextmanager
+    def _storage(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"state database {self.path}: {exc}") from exc
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, self._storage():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # also when COMMIT itself failed: a transaction left open would make
+                # every later BEGIN fail
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        with self._lock:
+        with self._lock, self._storage():
             row: sqlite3.Row | None = self._conn.execute(sql, args).fetchone()
             return row
 
     def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._storage():
             return list(self._conn.execute(sql, args).fetchall())
 
     # jobs
@@ -162,19 +199,28 @@ class StateDB:
     def get_job(self, job_id: str) -> JobRow:
         row = self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
         if row is None:
-            raise NotFound(f"no job with id {job_id!r} (see 'fl-admin list')", field="job_id")
+            raise _no_job(job_id)
         return _job(row)
 
     def list_jobs(self) -> list[JobRow]:
         return [_job(r) for r in self._all("SELECT * FROM jobs ORDER BY created_at")]
 
     def set_job_state(self, job_id: str, state: JobState, reason: str | None, now: float) -> None:
+        """Move the job to ``state`` if ``JOB_TRANSITIONS`` allows it from where it is now,
+        checked and written in one transaction; else ``Conflict`` naming its actual state."""
+        before = sorted(s.value for s in job_predecessors(state))
         with self._tx() as c:
-            c.execute(
+            cur = c.execute(
                 "UPDATE jobs SET state = ?, reason = COALESCE(?, reason), updated_at = ? "
-                "WHERE job_id = ?",
-                (state.value, reason, now, job_id),
+                f"WHERE job_id = ? AND state IN ({', '.join('?' * len(before))})",
+                (state.value, reason, now, job_id, *before),
             )
+            if cur.rowcount == 0:
+                row = c.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise _no_job(job_id)
+                check_job_transition(job_id, JobState(row["state"]), state)
+                raise AssertionError(f"job {job_id}: UPDATE matched no row")  # unreachable
 
     def set_model_bytes(self, job_id: str, nbytes: int) -> None:
         with self._tx() as c:
@@ -185,17 +231,28 @@ class StateDB:
         with self._tx() as c:
             c.execute(
                 "INSERT OR IGNORE INTO rounds (job_id, round, state, started_at) "
-                "VALUES (?, ?, 'open', ?)",
-                (job_id, rnd, now),
+                "VALUES (?, ?, ?, ?)",
+                (job_id, rnd, RoundState.OPEN.value, now),
             )
 
     def get_round(self, job_id: str, rnd: int) -> RoundRow | None:
         row = self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, rnd)
-        return None if row is None else RoundRow(**dict(row))
+        return None if row is None else _round(row)
 
     def list_rounds(self, job_id: str) -> list[RoundRow]:
         rows = self._all("SELECT * FROM rounds WHERE job_id = ? ORDER BY round", job_id)
-        return [RoundRow(**dict(r)) for r in rows]
+        return [_round(r) for r in rows]
+
+    def begin_closing(self, job_id: str, rnd: int) -> None:
+        """Stop the round taking tasks, commits and rejections while its aggregate is made.
+
+        Idempotent: a round found closing after a restart stays closing.
+        """
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rounds SET state = ? WHERE job_id = ? AND round = ? AND state = ?",
+                (RoundState.CLOSING.value, job_id, rnd, RoundState.OPEN.value),
+            )
 
     def close_round(self, job_id: str, rnd: int, expire: list[str], now: float) -> None:
         """Close the round and advance the job in one transaction: never redone."""
@@ -216,8 +273,8 @@ class StateDB:
                 (TaskState.EXPIRED.value, job_id, rnd, TaskState.ASSIGNED.value),
             )
             c.execute(
-                "UPDATE rounds SET state = 'closed', closed_at = ? WHERE job_id = ? AND round = ?",
-                (now, job_id, rnd),
+                "UPDATE rounds SET state = ?, closed_at = ? WHERE job_id = ? AND round = ?",
+                (RoundState.CLOSED.value, now, job_id, rnd),
             )
             c.execute(
                 "UPDATE jobs SET round_done = ?, updated_at = ? WHERE job_id = ?",
@@ -233,18 +290,34 @@ class StateDB:
                 )
 
     # tasks
-    def create_task(self, task_id: str, job_id: str, rnd: int, client: str, now: float) -> None:
+    def create_task(self, task_id: str, job_id: str, rnd: int, client: str, now: float) -> bool:
+        """Issue a task, if the round is still open and its job running; else False."""
         with self._tx() as c:
-            c.execute(
+            cur = c.execute(
                 "INSERT INTO tasks (task_id, job_id, round, client, state, created_at, "
-                "last_progress) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (task_id, job_id, rnd, client, TaskState.ASSIGNED.value, now, now),
+                "last_progress) SELECT ?, ?, ?, ?, ?, ?, ? FROM rounds r "
+                "JOIN jobs j ON j.job_id = r.job_id "
+                "WHERE r.job_id = ? AND r.round = ? AND r.state = ? AND j.state = ?",
+                (
+                    task_id,
+                    job_id,
+                    rnd,
+                    client,
+                    TaskState.ASSIGNED.value,
+                    now,
+                    now,
+                    job_id,
+                    rnd,
+                    RoundState.OPEN.value,
+                    JobState.RUNNING.value,
+                ),
             )
+            return cur.rowcount == 1
 
     def get_task(self, task_id: str) -> TaskRow:
         row = self._one("SELECT * FROM tasks WHERE task_id = ?", task_id)
         if row is None:
-            raise NotFound(f"no task with id {task_id!r}", field="task_id")
+            raise _no_task(task_id)
         return _task(row)
 
     def round_tasks(self, job_id: str, rnd: int) -> list[TaskRow]:
@@ -268,27 +341,64 @@ class StateDB:
     def touch_task(
         self, task_id: str, now: float, phase: Phase | None, done: int | None, total: int | None
     ) -> None:
+        """Record progress. Within one phase ``bytes_done`` never goes back: a heartbeat
+        the site sent before a segment's acknowledgement reached it can arrive after the
+        server counted that segment, and must not undo the count."""
+        value = None if phase is None else phase.value
         with self._tx() as c:
+            # SET expressions see the row as it was before this UPDATE
             c.execute(
                 "UPDATE tasks SET last_progress = ?, phase = COALESCE(?, phase), "
-                "bytes_done = COALESCE(?, bytes_done), bytes_total = COALESCE(?, bytes_total) "
-                "WHERE task_id = ?",
-                (now, None if phase is None else phase.value, done, total, task_id),
+                "bytes_done = CASE WHEN ? IS NULL THEN bytes_done "
+                "WHEN COALESCE(?, phase) = phase THEN MAX(bytes_done, ?) ELSE ? END, "
+                "bytes_total = COALESCE(?, bytes_total) WHERE task_id = ?",
+                (now, value, done, value, done, done, total, task_id),
             )
 
+    def _check_writable(self, c: sqlite3.Connection, task_id: str) -> None:
+        """Raise why the task takes no more writes (see ``task_write_refusal``), if so.
+
+        Called inside the transaction that writes, so that the check and the write see
+        the same state: a task the controller expired, or a round that began closing,
+        can never be committed, rejected or sent to after the fact.
+        """
+        row = c.execute(
+            "SELECT t.state, t.reason, t.job_id, t.round, r.state AS round_state, "
+            "j.state AS job_state FROM tasks t JOIN jobs j ON j.job_id = t.job_id "
+            "LEFT JOIN rounds r ON r.job_id = t.job_id AND r.round = t.round "
+            "WHERE t.task_id = ?",
+            (task_id,),
+        ).fetchone()
+        if row is None:
+            raise _no_task(task_id)
+        refusal = task_write_refusal(
+            task_id=task_id,
+            job_id=row["job_id"],
+            rnd=row["round"],
+            state=TaskState(row["state"]),
+            reason=row["reason"],
+            round_state=None if row["round_state"] is None else RoundState(row["round_state"]),
+            job_state=JobState(row["job_state"]),
+        )
+        if refusal is not None:
+            raise refusal
+
     def reject_task(self, task_id: str, reason: str, now: float) -> None:
+        """Reject an open task (the site cannot deliver); else the refusal is raised."""
         with self._tx() as c:
+            self._check_writable(c, task_id)
             c.execute(
-                "UPDATE tasks SET state = ?, reason = ?, last_progress = ? "
-                "WHERE task_id = ? AND state = ?",
-                (TaskState.REJECTED.value, reason, now, task_id, TaskState.ASSIGNED.value),
+                "UPDATE tasks SET state = ?, reason = ?, last_progress = ? WHERE task_id = ?",
+                (TaskState.REJECTED.value, reason, now, task_id),
             )
             c.execute("DELETE FROM segments WHERE task_id = ?", (task_id,))
 
     def commit_task(
         self, task_id: str, num_samples: int, metrics: dict[str, float], digest: str, now: float
     ) -> None:
+        """Commit an open task's update; else the refusal is raised and nothing changes."""
         with self._tx() as c:
+            self._check_writable(c, task_id)
             c.execute(
                 "UPDATE tasks SET state = ?, num_samples = ?, metrics = ?, digest = ?, "
                 "phase = ?, last_progress = ?, reason = NULL WHERE task_id = ?",
@@ -316,14 +426,26 @@ class StateDB:
 
     # upload segments
     def add_segment(self, task_id: str, idx: int, digest: str) -> int:
-        """Record a received segment; return how many segments the task now holds."""
+        """Record a received segment of an open task; return how many it now holds."""
         with self._tx() as c:
+            self._check_writable(c, task_id)
             c.execute(
                 "INSERT OR REPLACE INTO segments (task_id, idx, digest) VALUES (?, ?, ?)",
                 (task_id, idx, digest),
             )
             row = c.execute("SELECT COUNT(*) FROM segments WHERE task_id = ?", (task_id,))
             return int(row.fetchone()[0])
+
+    def open_task_segments(self, task_id: str) -> dict[int, str]:
+        """The segments an open task holds; raises the refusal if it takes no more writes.
+
+        One transaction: a segment missing here cannot be committed by anyone else
+        before it is written, so writing it can never touch an update already counted.
+        """
+        with self._tx() as c:
+            self._check_writable(c, task_id)
+            rows = c.execute("SELECT idx, digest FROM segments WHERE task_id = ?", (task_id,))
+            return {int(r["idx"]): str(r["digest"]) for r in rows}
 
     def segments_of(self, task_id: str) -> dict[int, str]:
         rows = self._all("SELECT idx, digest FROM segments WHERE task_id = ?", task_id)

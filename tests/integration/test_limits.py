@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,4 +247,8 @@ def test_connections_beyond_the_limit_get_503_until_some_close(tls_cluster: Clus
         for conn in idle:
             conn.close()
     c.wait_for(lambda: site1.call("GET", "/v1/health")[0] == 200, 10, "connections to close")
-    assert "answered 503: 3 connections open (limits.max_connections)" in log_text(c, "server")
+    # counted at accept time: a connection the server has not seen closed yet (the health
+    # check's) may still count there, so the log's figure is not pinned down
+    assert re.search(
+        r"answered 503: \d+ connections open \(limits\.max_connections\)", log_text(c, "server")
+    )

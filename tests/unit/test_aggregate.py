@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from common.errors import ModelFormatError
 from common.modelio import ModelWriter, read_layout
 from common.tensorfile import Layout
 from fl_server.aggregate import Source, finalize, fold
@@ -82,7 +83,7 @@ def test_a_failed_fold_leaves_no_partial_file(tmp_path: Path) -> None:
     truncated = tmp_path / "short.st"
     truncated.write_bytes((tmp_path / "u0.st").read_bytes()[:-100])
     out = tmp_path / "acc.f64"
-    with pytest.raises(OSError, match="ends early"):
+    with pytest.raises(ModelFormatError, match="file ends inside tensor"):
         fold([Source(tmp_path / "u0.st", 1.0), Source(truncated, 1.0)], layout, out, 4096)
     assert not out.exists() and not (tmp_path / "acc.f64.part").exists()
 

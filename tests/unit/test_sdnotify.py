@@ -76,9 +76,9 @@ def test_sends_to_an_abstract_socket() -> None:
         sock.bind(b"\0" + name.encode())
         sock.settimeout(5)
         n = sdnotify.Notifier.from_environ({"NOTIFY_SOCKET": "@" + name})
-        n.status("hello")
+        n.stopping("hello")
         n.close()
-        assert sock.recv(4096) == b"STATUS=hello"
+        assert sock.recv(4096) == b"STOPPING=1\nSTATUS=hello"
 
 
 def test_a_missing_socket_does_not_fail_the_daemon(tmp_path: Path) -> None:
