@@ -164,8 +164,12 @@ class ModelWriter:
         )
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        # closing flushes, which fails again on the full disk that brought us here: the
+        # partial file goes in any case
+        try:
+            self._file.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ModelWriter:
         return self

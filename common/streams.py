@@ -23,10 +23,10 @@ import xxhash
 from common.errors import (
     SegmentTooLong,
     SegmentTruncated,
-    StorageError,
     TransferError,
     TransferTimeout,
 )
+from common.storage import storage_error
 from common.timeouts import ProgressTimer
 
 
@@ -67,11 +67,13 @@ async def receive_segment(
     read_timeout_s: float | None,
     batch_bytes: int,
     path: str | os.PathLike[str] | None = None,
+    what: str = "segment file",
 ) -> str:
     """Write exactly ``length`` bytes from ``chunks`` at ``start`` of ``fd``; return xxh3.
 
-    A failing write (disk full, I/O error) is a ``StorageError`` naming ``path`` (the
-    file ``fd`` is open on) and the system's reason; errors of ``chunks`` pass as they are.
+    A failing write (disk full, I/O error) is a ``StorageError`` naming ``what``, ``path``
+    (the file ``fd`` is open on) and the system's reason; errors of ``chunks`` pass as
+    they are.
     """
     hasher = xxhash.xxh3_64()
     pending: asyncio.Future[None] | None = None
@@ -84,10 +86,7 @@ async def receive_segment(
         try:
             await asyncio.shield(fut)
         except OSError as exc:
-            where = "the segment's file" if path is None else os.fspath(path)
-            raise StorageError(
-                f"cannot write {where}: {exc.strerror or exc}; the segment was not stored"
-            ) from exc
+            raise storage_error(exc, what, Path(path or "(unnamed file)"), "write") from exc
 
     async def hand_over() -> None:
         nonlocal pending, batch, filled, pos

@@ -36,13 +36,13 @@ from common.errors import (
     UpdateRejected,
 )
 from common.modelio import ModelReader, ModelWriter
+from common.storage import is_disk_error, on_disk, storage_error
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
 from fl_client.http import Api, make_session
 from fl_client.metrics import ClientMetrics
 from fl_client.progress_log import ProgressLogger
 from fl_client.retry import FIRST_RETRY_S, TaskBackoff, jittered
-from fl_client.storage import is_disk_error, on_disk, storage_error
 from fl_client.taskdir import (
     SavedUpdate,
     TaskFiles,

@@ -26,8 +26,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.modelio import fsync_dir, hash_file_segments
+from common.storage import on_disk
 from common.tensorfile import Manifest
-from fl_client.storage import on_disk
 from fl_client.trainer import TrainResult
 
 

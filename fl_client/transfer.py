@@ -39,6 +39,7 @@ from common.errors import (
     TransferError,
 )
 from common.modelio import hash_file_segments
+from common.storage import on_disk
 from common.streams import file_range_chunks, receive_segment
 from common.tensorfile import Manifest
 from common.timeouts import ProgressTimer, Stage
@@ -56,7 +57,6 @@ from common.wire import (
 )
 from fl_client.http import Api, parse_reply, raise_for_error, read_bounded, transport_error
 from fl_client.metrics import ClientMetrics, Direction
-from fl_client.storage import is_disk_error, on_disk, storage_error
 from fl_client.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client.transfer")
@@ -276,14 +276,10 @@ async def download_model(
                         timer=timer,
                         read_timeout_s=timeouts.streaming_read_timeout,
                         batch_bytes=settings.io_chunk_bytes,
+                        path=part,  # its write failures are StorageError: not retried
+                        what="download",
                     )
-            except aiohttp.ClientError as exc:
-                raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
-            except OSError as exc:
-                # the disk writer's own failure (full, read-only) is not the network's:
-                # fetching the segment again would only fail the same way
-                if is_disk_error(exc):
-                    raise storage_error(exc, "download", part, "write") from exc
+            except (aiohttp.ClientError, OSError) as exc:
                 raise transport_error(exc, api.base_url, f"{what} failed: {exc!r}") from exc
         if digest != man.segment_digests[index]:
             raise IntegrityError(

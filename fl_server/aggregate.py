@@ -34,7 +34,6 @@ import numpy.typing as npt
 from common.modelio import ModelReader, ModelWriter
 from common.tensorfile import Layout, Manifest, TensorSpec
 from fl_server.threads import check_stop
-from fl_server.workspace import no_partial_file
 
 ACC_DTYPE = np.dtype("<f8")
 
@@ -131,7 +130,7 @@ def finalize(
 
     ``stop`` ends it early, between chunks, with ``Stopped`` and no partial file.
     """
-    with no_partial_file(out), ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
+    with ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
         for spec, chunk in _sums(sources, layout, chunk_bytes, stop):
             np.divide(chunk, total_weight, out=chunk)
             if spec.np_dtype.kind in "iub":

@@ -28,6 +28,7 @@ from common.errors import (
     StorageError,
     TaskExpired,
 )
+from common.storage import on_disk
 from common.streams import receive_segment
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
@@ -52,7 +53,6 @@ from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.metrics import METRICS
 from fl_server.state import TaskRow
-from fl_server.workspace import on_disk
 
 log = logging.getLogger("fl_server.api")
 P = ParamSpec("P")
@@ -290,6 +290,7 @@ async def upload_segment(request: web.Request) -> web.Response:
                     read_timeout_s=cfg.timeouts.streaming_read_timeout,
                     batch_bytes=cfg.transfer.io_chunk_bytes,
                     path=spool if acked is None else os.devnull,
+                    what="update spool",
                 )
         except asyncio.CancelledError:
             # the client went away mid-body (or the server is stopping): nothing recorded
@@ -312,7 +313,7 @@ async def upload_segment(request: web.Request) -> web.Response:
                 field="body",
             )
         if acked is None:
-            with on_disk("cannot read back the received segment", spool):
+            with on_disk("update spool", spool, "read back"):
                 if start == 0:
                     await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
                 await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
@@ -363,7 +364,7 @@ async def commit(request: web.Request) -> web.Response:
             field="digest",
         )
     spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
-    with on_disk("cannot read the update to check it", spool):
+    with on_disk("update spool", spool, "read to check"):
         await asyncio.to_thread(verify.check_update, spool, man.layout, man.segment_bytes)
     await db.run(db.commit_task, task.task_id, body.num_samples, body.metrics, digest, time.time())
     request.app[RUNNER].poke(task.job_id)

@@ -15,7 +15,6 @@ from common.errors import ModelFormatError
 from common.modelio import ModelWriter, fsync_dir, read_layout
 from common.tensorfile import Manifest, st_dtype
 from fl_server.threads import check_stop
-from fl_server.workspace import no_partial_file
 
 # Small on purpose: the server's memory must not depend on how large a tensor is.
 GENERATE_CHUNK_BYTES = 1024 * 1024
@@ -40,7 +39,7 @@ def generate(
     step = max(1, GENERATE_CHUNK_BYTES // dtype.itemsize)
     # numpy draws normals in float32 or float64 only; float16 is drawn in float32
     draw = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
-    with no_partial_file(path), ModelWriter(path, tensors, segment_bytes=segment_bytes) as writer:
+    with ModelWriter(path, tensors, segment_bytes=segment_bytes) as writer:
         for i in range(spec.num_tensors):
             rng = np.random.default_rng([spec.seed, i])
             for first in range(0, numel, step):

@@ -27,6 +27,7 @@ from pathlib import Path
 from common import logctx
 from common.config import JobConfig, ServerConfig
 from common.errors import Conflict, FLError
+from common.storage import on_disk
 from common.tensorfile import Layout, Manifest
 from common.wire import JobState, TaskState
 from fl_server import aggregate
@@ -44,7 +45,7 @@ from fl_server.controller import (
 from fl_server.modelgen import prepare_initial
 from fl_server.state import StateDB, TaskRow
 from fl_server.threads import run_stoppable
-from fl_server.workspace import Workspace, on_disk
+from fl_server.workspace import Workspace
 
 log = logging.getLogger("fl_server.runner")
 IDLE_RECHECK_S = 5.0
@@ -235,7 +236,7 @@ class JobRunner:
                 log.info("job %s: preparing the initial model", job_id)
                 path = self.ws.model_path(job_id, 0)
                 segment_bytes = self.cfg.segment_bytes
-                with on_disk("cannot write the initial model", path):
+                with on_disk("initial model", path, "write"):
                     man = await run_stoppable(
                         None, lambda stop: prepare_initial(cfg.model, path, segment_bytes, stop)
                     )
@@ -418,7 +419,7 @@ class JobRunner:
             out = self.ws.accumulator_path(job_id, rnd, count)
             sources = [*before, Source(spool, weight)]
             chunk_bytes = self._chunk_bytes
-            with on_disk(f"cannot fold the update of task {task.task_id}", out):
+            with on_disk(f"accumulator for task {task.task_id}", out, "write"):
                 await run_stoppable(
                     None, lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop)
                 )
@@ -454,7 +455,7 @@ class JobRunner:
         started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
         segment_bytes, chunk_bytes = self.cfg.segment_bytes, self._chunk_bytes
-        with on_disk(f"cannot write the global model of round {rnd}", out):
+        with on_disk(f"global model of round {rnd}", out, "write"):
             man = await run_stoppable(
                 None,
                 lambda stop: aggregate.finalize(

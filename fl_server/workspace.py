@@ -2,39 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import ConfigError, StorageError
+from common.errors import ConfigError
+from common.storage import on_disk
 from common.tensorfile import Manifest
-
-
-@contextlib.contextmanager
-def on_disk(what: str, path: Path) -> Iterator[None]:
-    """A failing file system call (ENOSPC, EIO, ...) in the block as a ``StorageError``
-    naming the file and the system's reason."""
-    try:
-        yield
-    except OSError as exc:
-        raise StorageError(f"{what}: {exc.filename or path}: {exc.strerror or exc}") from exc
-
-
-@contextlib.contextmanager
-def no_partial_file(path: Path) -> Iterator[None]:
-    """If the block fails, remove the ``.part`` file a ``ModelWriter`` of ``path`` left.
-
-    The writer removes it on its own, except when closing the file fails as well: a full
-    disk fails the final flush too, and the partial file would stay.
-    """
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(OSError):
-            path.with_name(path.name + ".part").unlink(missing_ok=True)
-        raise
 
 
 class Workspace:
@@ -51,7 +25,7 @@ class Workspace:
         released when it is closed or the process ends. A second server on the same
         workspace would issue the same tasks and write the same files: it is refused
         with a ``ConfigError`` naming the workspace."""
-        with on_disk("cannot open the workspace's lock file", self.lock_path):
+        with on_disk("workspace lock file", self.lock_path, "open"):
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -58,7 +58,9 @@ async def test_a_disk_that_refuses_is_a_storage_error_naming_the_file() -> None:
     path = Path("/dev/full")  # every write: ENOSPC
     fd = os.open(path, os.O_WRONLY)
     try:
-        with pytest.raises(StorageError, match=r"cannot write /dev/full: No space left") as err:
+        with pytest.raises(
+            StorageError, match=r"segment file /dev/full: cannot write: No space left"
+        ) as err:
             await _receive([b"x" * 1000] * 3, fd, 0, path)
     finally:
         os.close(fd)

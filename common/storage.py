@@ -1,9 +1,10 @@
-"""This site's disk failures as ``StorageError``, translated where the files are touched.
+"""Disk failures as ``StorageError``, translated where the files are touched.
 
-A full, read-only or failing disk is not the server's fault and is not cured by asking
-the server again at once: the daemon logs it, waits its backoff and tries again, and
-an operator can tell it from a network problem by the message, which names the file
-and the operating system's reason.
+A full, read-only or failing disk is not the peer's fault and is not cured by sending
+or asking again at once. On a site the daemon logs it, waits its backoff and tries
+again; on the server the request gets a 507, or the job fails naming the file. Either
+way an operator can tell it from a network problem by the message, which names what
+was being done, the file and the operating system's reason.
 """
 
 from __future__ import annotations
