@@ -107,8 +107,13 @@ def _train(
         if reader.layout != man.layout:
             raise ModelFormatError(f"{model_path} does not match the task's manifest")
         with on_disk("update", update_path, "create"):
-            # durable: the record written next must never point at a torn update
-            writer = ModelWriter(update_path, man.layout, segment_bytes=man.segment_bytes)
+            # Not fsynced: a record found after a restart is checked against its update
+            # (size and every segment's digest) before use, so a torn update after a
+            # power loss is trained again. An fsync here would push every update to the
+            # disk, though it is deleted once the server has it.
+            writer = ModelWriter(
+                update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
+            )
         with writer:
             try:
                 result = trainer.train(reader, writer, ctx)
@@ -350,7 +355,7 @@ class ClientDaemon:
             functools.partial(_train, trainer, task, files.model, files.update, ctx),
         )
         saved = SavedUpdate(update_man, result)
-        # the update is fsynced by its writer; the record goes last, durably
+        # the record goes last, atomically: no record, or one for a complete update
         await asyncio.to_thread(save_update, files, saved)
         self._update_written = task.task_id
         log.info("%s: training done", ids)

@@ -5,11 +5,12 @@
     tasks/<task_id>/update.safetensors       the trained update
     tasks/<task_id>/update.json              its record: manifest, samples, metrics
 
-The record is written last, once the update is on disk for good (fsynced by its
-writer), and itself atomically and durably, so a crash leaves no record or one whose
-update was complete. A daemon that finds a record it did not write still checks the
-update against it (size and every segment's digest) before uploading: reading the
-update once is cheap next to sending it, and a disk can lose or change a file. A record
+The record is written last, once the update is complete, and atomically and durably,
+so a killed daemon leaves no record or one whose update was complete. The update itself
+is not fsynced (it is deleted as soon as the server holds it; syncing it would push it
+all to the disk): a daemon that finds a record it did not write checks the update
+against it (size and every segment's digest) before uploading, which also catches an
+update a power loss tore. Reading the update once is cheap next to sending it. A record
 that does not hold is removed with its update, and the task is trained again.
 
 Blocking file I/O throughout: call from a thread.
