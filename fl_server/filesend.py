@@ -172,9 +172,18 @@ async def send_file(
                     executor, _sendfile_loop, sock.fileno(), path, start, end, timer.progress
                 )
     except asyncio.CancelledError:
-        log.info(
-            "%s to %s cancelled after %d bytes (connection closed)", what, peer, timer.bytes_moved
-        )
+        if timer.bytes_moved >= end - start:
+            # every byte was out, and the peer, done with it, hung up before this handler
+            # got back from the send: the range was sent all the same
+            if on_sent is not None:
+                on_sent(end - start, time.monotonic() - started)
+        else:
+            log.info(
+                "%s to %s cancelled after %d bytes (connection closed)",
+                what,
+                peer,
+                timer.bytes_moved,
+            )
         raise
     except (OSError, TransferTimeout) as exc:
         # The head is out, so no error body can follow: the peer sees a short body (it
