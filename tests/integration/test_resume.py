@@ -27,7 +27,7 @@ from tests.cluster import (
     tasks_of,
 )
 from tests.plugins import runs
-from tests.proxy import ProxyProcess, Rule
+from tests.proxy import Direction, ProxyProcess, Rule
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +54,16 @@ def _segments(model_bytes: int) -> int:
     return -(-model_bytes // SEGMENT)
 
 
-def test_upload_cut_mid_segment_resends_only_that_segment(
-    cluster: Cluster, proxy: ProxyProcess
+@pytest.mark.parametrize(
+    ("route", "direction", "cut_at"),
+    [(PUT_SEGMENT, "up", 300_000), (GET_MODEL, "down", 200_000)],
+    ids=["upload", "download"],
+)
+def test_transfer_cut_mid_segment_moves_only_that_segment_again(
+    cluster: Cluster, proxy: ProxyProcess, route: str, direction: Direction, cut_at: int
 ) -> None:
-    cut_at = 300_000
     cluster.start_server()
-    proxy.set_faults(Rule(match=PUT_SEGMENT, direction="up", cut_after_bytes=cut_at, limit=2))
+    proxy.set_faults(Rule(match=route, direction=direction, cut_after_bytes=cut_at, limit=2))
     for name in SITES:
         _client(cluster, name, proxy)
     rounds = 2
@@ -70,35 +74,12 @@ def test_upload_cut_mid_segment_resends_only_that_segment(
     st = proxy.stats()
     assert st.cuts == 2, st
     size = status["job"]["model_bytes"]
-    uploads = rounds * len(SITES)
-    # each cut segment was sent once more, and nothing else was: the bytes sent twice
-    # are what got through before each cut (cut_at counts the request's head too)
-    assert st.count(PUT_SEGMENT) == uploads * _segments(size) + st.cuts
-    resent = st.body(PUT_SEGMENT, "up") - uploads * size
-    assert 0 < resent < st.cuts * cut_at, resent
-    assert_exact_model(cluster, job_id, rounds, [1, 1])
-
-
-def test_download_cut_mid_segment_refetches_only_that_segment(
-    cluster: Cluster, proxy: ProxyProcess
-) -> None:
-    cut_at = 200_000
-    cluster.start_server()
-    proxy.set_faults(Rule(match=GET_MODEL, direction="down", cut_after_bytes=cut_at, limit=2))
-    for name in SITES:
-        _client(cluster, name, proxy)
-    rounds = 2
-    job_id = cluster.submit(small_job(rounds=rounds, clients=2, tensors=4, shape=[512, 512]))
-    status = cluster.wait_job(job_id, timeout=60)
-    assert status["job"]["state"] == "finished", cluster.logs()
-
-    st = proxy.stats()
-    assert st.cuts == 2, st
-    size = status["job"]["model_bytes"]
-    downloads = rounds * len(SITES)
-    assert st.count(GET_MODEL) == downloads * _segments(size) + st.cuts
-    refetched = st.body(GET_MODEL, "down") - downloads * size
-    assert 0 < refetched < st.cuts * cut_at, refetched
+    transfers = rounds * len(SITES)
+    # each cut segment was moved once more, and nothing else was: the bytes moved twice
+    # are what got through before each cut (cut_at counts the message's head too)
+    assert st.count(route) == transfers * _segments(size) + st.cuts
+    again = st.body(route, direction) - transfers * size
+    assert 0 < again < st.cuts * cut_at, again
     assert_exact_model(cluster, job_id, rounds, [1, 1])
 
 
