@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -241,15 +240,6 @@ class ClientConfig(_Frozen):
     timeouts: Timeouts = Timeouts()
     transfer: TransferSettings = TransferSettings()
     heartbeat_interval_s: PositiveFloat = Field(10.0, description="Seconds between heartbeats.")
-    keep_spare_files_s: NonNegativeFloat = Field(
-        600.0,
-        description=(
-            "Seconds the site keeps the two model-size files of its last task (the model "
-            "and the update) while no new task comes, for the next task to write over: "
-            "faster than new files, above all on VMs that hand freed memory back to the "
-            "host. 0: delete them at once."
-        ),
-    )
     retry_backoff_max_s: PositiveFloat = Field(
         10.0, description="Longest pause between reconnect attempts to the server."
     )

@@ -26,7 +26,6 @@ from common.digest import (
     whole_digest,
 )
 from common.errors import ModelFormatError
-from common.recycle import FilePool
 from common.tensorfile import (
     HEADER_LEN_BYTES,
     Layout,
@@ -70,8 +69,6 @@ class ModelWriter:
     ``finish()``, with or without an exception, aborts: a ``.part`` never outlives the
     block. ``durable=False`` skips both fsyncs in ``finish()``, for scratch files that
     can be regenerated after a crash; the file and manifest are the same either way.
-    With a ``pool``, the file is a spare from it when one is there, overwritten from the
-    first byte to the last (see ``common.recycle``).
     """
 
     def __init__(
@@ -82,7 +79,6 @@ class ModelWriter:
         segment_bytes: int,
         metadata: dict[str, str] | None = None,
         durable: bool = True,
-        pool: FilePool | None = None,
     ) -> None:
         if isinstance(tensors, Layout):
             tensors = [(t.name, t.dtype, t.shape) for t in tensors.tensors]
@@ -92,9 +88,7 @@ class ModelWriter:
         self._segment_bytes = segment_bytes
         self._durable = durable
         self._hasher = SegmentHasher(segment_bytes)
-        self._reused = pool is not None and pool.take(self._tmp, self.layout.file_size)
-        # a reused file is opened without truncating it: its pages are the point of it
-        self._file = open(self._tmp, "r+b" if self._reused else "wb")  # noqa: SIM115
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish/abort
         self._index = 0
         self._filled = 0
         try:
@@ -152,8 +146,6 @@ class ModelWriter:
             )
         try:
             self._file.flush()
-            if self._reused:
-                self._file.truncate()
             if self._durable:
                 os.fsync(self._file.fileno())
             self._file.close()

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import random
-import time
+import shutil
 from pathlib import Path
 
 from common import logctx
@@ -36,7 +36,6 @@ from common.errors import (
     UpdateRejected,
 )
 from common.modelio import ModelReader, ModelWriter
-from common.recycle import FilePool
 from common.storage import is_disk_error, on_disk, storage_error
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
@@ -47,7 +46,6 @@ from fl_client.retry import FIRST_RETRY_S, TaskBackoff, jittered
 from fl_client.taskdir import (
     SavedUpdate,
     TaskFiles,
-    drop_folder,
     forget_others,
     load_update,
     make_dir,
@@ -99,12 +97,7 @@ class Progress:
 
 
 def _train(
-    trainer: Trainer,
-    trainer_task: Task,
-    model_path: Path,
-    update_path: Path,
-    ctx: TrainContext,
-    pool: FilePool,
+    trainer: Trainer, trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
 ) -> tuple[Manifest, TrainResult]:
     """Run the trainer; any failure of the plugin becomes a ``TrainerFailed`` to report."""
     man = trainer_task.manifest
@@ -119,7 +112,7 @@ def _train(
             # power loss is trained again. An fsync here would push every update to the
             # disk, though it is deleted once the server has it.
             writer = ModelWriter(
-                update_path, man.layout, segment_bytes=man.segment_bytes, durable=False, pool=pool
+                update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
             )
         with writer:
             try:
@@ -149,9 +142,6 @@ class ClientDaemon:
         self.metrics = ClientMetrics(self.progress)
         self.registered = asyncio.Event()  # set once the server has answered a heartbeat
         self.tasks_dir = cfg.workspace / "tasks"
-        # the model and update of the last task, for the next one to write over
-        self.pool = FilePool(cfg.workspace / "spare", 2 if cfg.keep_spare_files_s > 0 else 0)
-        self._last_task_end = time.monotonic()
         # kept across retries of one task within this process (see _do_task)
         self._download: tuple[str, Verified] | None = None
         self._update_written: str | None = None
@@ -224,8 +214,6 @@ class ClientDaemon:
                 continue
             assert reply is not None
             if reply.task is None:
-                if time.monotonic() - self._last_task_end > self.cfg.keep_spare_files_s:
-                    await asyncio.to_thread(self.pool.clear)
                 await asyncio.sleep(reply.retry_after_s * random.uniform(0.5, 1.0))
                 continue
             task_id = reply.task.task_id
@@ -240,7 +228,7 @@ class ClientDaemon:
             except TaskExpired as err:
                 log.warning("%s", err.message)
                 retry.reset()
-                await asyncio.to_thread(drop_folder, self.tasks_dir / task_id, self.pool)
+                await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
             except (UpdateRejected, TrainerFailed, ModelFormatError) as err:
                 log.error("task %s cannot be completed: %s", task_id, err.message)
                 retry.reset()
@@ -271,7 +259,6 @@ class ClientDaemon:
             finally:
                 self.progress.idle()
                 logctx.reset(bound)
-                self._last_task_end = time.monotonic()
             if pause_s:
                 await self._pause(pause_s)
 
@@ -287,7 +274,7 @@ class ClientDaemon:
             await report_failure(api, task_id, reason)
         except FLError as err:
             log.warning("could not report the failure of task %s: %s", task_id, err.message)
-        await asyncio.to_thread(drop_folder, self.tasks_dir / task_id, self.pool)
+        await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
 
     def _verified_download(self, task_id: str) -> Verified:
         """What this process has verified of the task's download (kept across retries)."""
@@ -297,7 +284,7 @@ class ClientDaemon:
 
     async def _do_task(self, api: Api, task: Task) -> None:
         files = TaskFiles(self.tasks_dir / task.task_id)
-        await asyncio.to_thread(forget_others, self.tasks_dir, task.task_id, self.pool)
+        await asyncio.to_thread(forget_others, self.tasks_dir, task.task_id)
         await asyncio.to_thread(make_dir, "task folder", files.folder)
         man = task.manifest
         ids = f"job {task.job_id} round {task.round}/{task.num_rounds} task {task.task_id}"
@@ -333,7 +320,7 @@ class ClientDaemon:
         self.metrics.update_committed()
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, saved.manifest.file_size)
-        await asyncio.to_thread(drop_folder, files.folder, self.pool)
+        await asyncio.to_thread(shutil.rmtree, files.folder, True)
 
     async def _download_and_train(
         self, api: Api, task: Task, files: TaskFiles, ids: str
@@ -352,7 +339,6 @@ class ClientDaemon:
             self.stopping,
             self.metrics,
             self._verified_download(task.task_id),
-            self.pool,
         )
         log.info("%s: model downloaded and verified", ids)
         self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
@@ -366,15 +352,15 @@ class ClientDaemon:
         )
         update_man, result = await run_unjoined(
             f"trainer {task.task_id}",
-            functools.partial(_train, trainer, task, files.model, files.update, ctx, self.pool),
+            functools.partial(_train, trainer, task, files.model, files.update, ctx),
         )
         saved = SavedUpdate(update_man, result)
         # the record goes last, atomically: no record, or one for a complete update
         await asyncio.to_thread(save_update, files, saved)
         self._update_written = task.task_id
         log.info("%s: training done", ids)
-        # the input model is no longer needed: the next download writes over it
-        await asyncio.to_thread(self.pool.retire, files.model)
+        # the input model is no longer needed: free its disk before the upload
+        await asyncio.to_thread(files.model.unlink, True)
         return saved
 
 

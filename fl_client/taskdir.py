@@ -27,7 +27,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.modelio import fsync_dir, hash_file_segments
-from common.recycle import FilePool
 from common.storage import on_disk
 from common.tensorfile import Manifest
 from fl_client.trainer import TrainResult
@@ -46,16 +45,6 @@ class TaskFiles:
         return self.folder / "update.safetensors"
 
     @property
-    def model_part(self) -> Path:
-        """The model while it downloads (named by ``fl_client.transfer``)."""
-        return self.folder / "model.safetensors.part"
-
-    @property
-    def update_part(self) -> Path:
-        """The update while it is written (named by ``ModelWriter``)."""
-        return self.folder / "update.safetensors.part"
-
-    @property
     def record(self) -> Path:
         return self.folder / "update.json"
 
@@ -71,19 +60,11 @@ def make_dir(what: str, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
-def drop_folder(folder: Path, pool: FilePool) -> None:
-    """Remove a task's folder; its model-size files go to ``pool`` for reuse."""
-    files = TaskFiles(folder)
-    for path in (files.model, files.update, files.model_part, files.update_part):
-        pool.retire(path)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def forget_others(tasks_dir: Path, keep: str, pool: FilePool) -> None:
+def forget_others(tasks_dir: Path, keep: str) -> None:
     """Remove the folders of other tasks: their rounds are over."""
     for d in tasks_dir.iterdir():
         if d.is_dir() and d.name != keep:
-            drop_folder(d, pool)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
