@@ -19,6 +19,9 @@ from common.tensorfile import Manifest
 API = "/v1"
 CLIENT_HEADER = "X-FL-Client"
 DIGEST_HEADER = "X-FL-Digest"
+# on update segments: the weight the site will commit, so the server can average the
+# round while updates still arrive (optional; the commit's weight decides)
+NUM_SAMPLES_HEADER = "X-FL-Num-Samples"
 
 # client routes
 HEARTBEAT = API + "/clients/{client}/heartbeat"

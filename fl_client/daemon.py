@@ -314,6 +314,7 @@ class ClientDaemon:
             self.progress.add,
             self.stopping,
             self.metrics,
+            num_samples=saved.result.num_samples,
         )
         result = saved.result
         await commit_update(api, task.task_id, saved.manifest, result.num_samples, result.metrics)

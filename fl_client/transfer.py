@@ -46,6 +46,7 @@ from common.timeouts import ProgressTimer, Stage
 from common.wire import (
     COMMIT,
     DIGEST_HEADER,
+    NUM_SAMPLES_HEADER,
     TASK_FAIL,
     UPLOAD_SEGMENT,
     UPLOAD_STATUS,
@@ -319,8 +320,13 @@ async def upload_update(
     progress: Progress,
     stopping: asyncio.Event,
     metrics: ClientMetrics | None = None,
+    num_samples: int | None = None,
 ) -> None:
-    """Send the update's segments the server does not hold yet."""
+    """Send the update's segments the server does not hold yet.
+
+    ``num_samples``, the weight the commit will carry, goes with every segment: the
+    server then averages the round's tensors as soon as all updates hold them.
+    """
     status = await api.call("GET", UPLOAD_STATUS.format(task_id=task_id), UploadStatus)
     assert status is not None
     if status.file_size != man.file_size or status.segment_bytes != man.segment_bytes:
@@ -339,6 +345,7 @@ async def upload_update(
     progress(min(man.file_size, len(held) * man.segment_bytes))
     todo = [i for i in range(status.num_segments) if i not in held]
     timeouts = api.timeouts
+    headers = {} if num_samples is None else {NUM_SAMPLES_HEADER: str(num_samples)}
 
     async def send(index: int) -> None:
         start, end = segment_range(index, man.file_size, man.segment_bytes)
@@ -358,7 +365,7 @@ async def upload_update(
                 async with api.session.put(
                     api.url(UPLOAD_SEGMENT.format(task_id=task_id, index=index)),
                     data=then_wait(),
-                    headers={DIGEST_HEADER: man.segment_digests[index]},
+                    headers=headers | {DIGEST_HEADER: man.segment_digests[index]},
                 ) as resp:
                     timer.enter(Stage.RECEIVING, timeouts.communication_timeout)
                     await raise_for_error(resp)

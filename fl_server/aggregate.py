@@ -23,6 +23,7 @@ equals numpy's ``average(..., weights=...)`` computed in float64 and cast back.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from common.modelio import ModelReader, ModelWriter
+from common.modelio import ModelReader, ModelWriter, byte_view
 from common.tensorfile import Layout, Manifest, TensorSpec
 from fl_server.threads import check_stop
 
@@ -60,11 +61,16 @@ def _acc_layout(layout: Layout) -> Layout:
 
 
 def _sums(
-    sources: Sequence[Source], layout: Layout, chunk_bytes: int, stop: threading.Event | None
-) -> Iterator[tuple[TensorSpec, npt.NDArray[np.float64]]]:
-    """Yield (tensor, float64 chunk of the weighted sum), tensor after tensor, in order.
+    sources: Sequence[Source],
+    layout: Layout,
+    chunk_bytes: int,
+    stop: threading.Event | None,
+    only: Sequence[int] | None = None,
+) -> Iterator[tuple[TensorSpec, int, npt.NDArray[np.float64]]]:
+    """Yield (tensor, first element, float64 chunk of the weighted sum), in file order.
 
-    The yielded buffer is reused: the consumer must be done with it before the next one.
+    ``only``: the indices of the tensors to go through (default: all of them). The
+    yielded buffer is reused: the consumer must be done with it before the next one.
     Raises ``Stopped`` before the next chunk once ``stop`` is set.
     """
     step = max(1, chunk_bytes // ACC_DTYPE.itemsize)
@@ -77,7 +83,9 @@ def _sums(
             stack.enter_context(ModelReader(s.path, acc if s.weight is None else layout))
             for s in sources
         ]
-        for spec, acc_spec in zip(layout.tensors, acc.tensors, strict=True):
+        chosen = range(len(layout.tensors)) if only is None else sorted(only)
+        for t in chosen:
+            spec, acc_spec = layout.tensors[t], acc.tensors[t]
             isz = spec.np_dtype.itemsize
             for first in range(0, spec.numel, step):
                 check_stop(stop)
@@ -92,7 +100,7 @@ def _sums(
                         np.multiply(u, src.weight, out=dst, dtype=ACC_DTYPE)
                     if k:
                         np.add(total[:n], dst, out=total[:n])
-                yield spec, total[:n]
+                yield spec, first, total[:n]
 
 
 def fold(
@@ -109,7 +117,7 @@ def fold(
     tmp = out.with_name(out.name + ".part")
     try:
         with open(tmp, "wb") as f:
-            for _, chunk in _sums(sources, layout, chunk_bytes, stop):
+            for _, _, chunk in _sums(sources, layout, chunk_bytes, stop):
                 f.write(chunk.data.cast("B"))
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -131,9 +139,42 @@ def finalize(
     ``stop`` ends it early, between chunks, with ``Stopped`` and no partial file.
     """
     with ModelWriter(out, layout, segment_bytes=segment_bytes) as writer:
-        for spec, chunk in _sums(sources, layout, chunk_bytes, stop):
-            np.divide(chunk, total_weight, out=chunk)
-            if spec.np_dtype.kind in "iub":
-                np.rint(chunk, out=chunk)
-            writer.write(chunk.astype(spec.np_dtype))
+        for spec, _, chunk in _sums(sources, layout, chunk_bytes, stop):
+            writer.write(_average(chunk, total_weight, spec))
         return writer.finish()  # durable: the file and its directory entry are synced
+
+
+def _average(
+    chunk: npt.NDArray[np.float64], total_weight: float, spec: TensorSpec
+) -> npt.NDArray[np.generic]:
+    """A chunk of the weighted sum as the average, in the tensor's dtype (``chunk`` is
+    overwritten)."""
+    np.divide(chunk, total_weight, out=chunk)
+    if spec.np_dtype.kind in "iub":
+        np.rint(chunk, out=chunk)
+    return chunk.astype(spec.np_dtype)
+
+
+def write_average(
+    sources: Sequence[Source],
+    layout: Layout,
+    total_weight: float,
+    tensors: Sequence[int],
+    fd: int,
+    data_offset: int,
+    chunk_bytes: int,
+    stop: threading.Event | None = None,
+) -> None:
+    """Write the average of ``sources`` for the ``tensors`` given (indices into the
+    layout) at their places in the model file open at ``fd``, whose tensor data starts
+    at ``data_offset``; the rest of the file is left alone.
+
+    The same values ``finalize`` writes: the same sums, in the same order of sources.
+    """
+    for spec, first, chunk in _sums(sources, layout, chunk_bytes, stop, only=tensors):
+        out = _average(chunk, total_weight, spec)
+        pos = data_offset + spec.begin + first * spec.np_dtype.itemsize
+        view = byte_view(out)
+        while view.nbytes:
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n

@@ -33,6 +33,7 @@ from common.streams import receive_segment
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
     DIGEST_HEADER,
+    NUM_SAMPLES_HEADER,
     TASK_MODEL,
     CommitReply,
     CommitRequest,
@@ -232,6 +233,22 @@ def _open_spool(path: os.PathLike[str], size: int) -> int:
     return fd
 
 
+def _declared_weight(request: web.Request) -> int | None:
+    raw = request.headers.get(NUM_SAMPLES_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise RequestError(
+            f"{NUM_SAMPLES_HEADER} must be a whole number of samples of at least 1, got {raw!r}",
+            field=NUM_SAMPLES_HEADER,
+        )
+    return value
+
+
 async def upload_segment(request: web.Request) -> web.Response:
     cfg = request.app[CONFIG]
     db = request.app[DB]
@@ -248,6 +265,7 @@ async def upload_segment(request: web.Request) -> web.Response:
     declared = request.headers.get(DIGEST_HEADER)
     if not declared:
         raise RequestError(f"missing {DIGEST_HEADER} header with the segment's xxh3 digest")
+    weight = _declared_weight(request)
     if request.content_length is not None and request.content_length != end - start:
         error = SegmentTooLong if request.content_length > end - start else RequestError
         raise error(
@@ -331,6 +349,8 @@ async def upload_segment(request: web.Request) -> web.Response:
         busy.discard(key)
         uploads.release(task.client)
     request.app[METRICS].update_segment_received(end - start, elapsed)
+    if weight is not None:
+        request.app[RUNNER].declare_weight(task.task_id, weight)
     now = time.time()
     done_bytes = min(man.file_size, held * man.segment_bytes)
     await db.run(db.touch_task, task.task_id, now, Phase.UPLOADING, done_bytes, man.file_size)

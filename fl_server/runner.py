@@ -30,7 +30,7 @@ from common.errors import Conflict, FLError
 from common.storage import on_disk
 from common.tensorfile import Layout, Manifest
 from common.wire import JobState, TaskState
-from fl_server import aggregate
+from fl_server import aggregate, eager
 from fl_server.aggregate import Source
 from fl_server.controller import (
     TERMINAL_JOB_STATES,
@@ -77,12 +77,20 @@ class JobRunner:
         self.tasks_changed = asyncio.Condition()
         self._manifests: dict[tuple[str, int], Manifest] = {}
         self._configs: dict[str, JobConfig] = {}
+        # the weights sites declare on their update's segments, by task, and the early
+        # aggregate of each open round (see fl_server.eager); both in memory only: after
+        # a restart the sites declare again and the early work starts over
+        self._declared: dict[str, float] = {}
+        self._eager: dict[tuple[str, int], eager.EagerRound] = {}
 
     # called by handlers
     def poke(self, job_id: str) -> None:
         ev = self._wake.get(job_id)
         if ev is not None:
             ev.set()
+
+    def declare_weight(self, task_id: str, num_samples: int) -> None:
+        self._declared[task_id] = float(num_samples)
 
     async def submit(self, cfg: JobConfig) -> str:
         job_id = uuid.uuid4().hex[:12]
@@ -374,16 +382,20 @@ class JobRunner:
                 tasks = await self.db.run(self.db.round_tasks, job_id, rnd)
                 await self._close(job_id, rnd, layout, tasks)
                 return
-            if unfolded:
-                # fold in time, while other clients are still uploading
-                await self._fold(job_id, rnd, unfolded[0], layout, tasks)
-                continue
             if decision.action is Action.FAIL:
                 assert decision.reason is not None
                 reason = f"round {rnd}: {decision.reason}"
                 if await self._set_state(job_id, JobState.FAILED, reason):
                     log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
                 return
+            members = eager.members_of(tasks, self._declared)
+            if members is not None:
+                if await self._eager_step(job_id, rnd, layout, members):
+                    continue  # more may be ready already: look again without waiting
+            elif unfolded:
+                # fold in time, while other clients are still uploading
+                await self._fold(job_id, rnd, unfolded[0], layout, tasks)
+                continue
             if (
                 cfg.wait_for_clients_s is not None
                 and not any(t.state is TaskState.ASSIGNED for t in tasks)
@@ -405,6 +417,70 @@ class JobRunner:
                     await wake.wait()
             except TimeoutError:
                 pass
+
+    async def _eager_step(
+        self, job_id: str, rnd: int, layout: Layout, members: tuple[eager.Member, ...]
+    ) -> bool:
+        """Average the next tensors every update holds into the early aggregate; False
+        when there are none yet. A different set of members starts it over."""
+        key = (job_id, rnd)
+        path = self.ws.eager_path(job_id, rnd)
+        state = self._eager.get(key)
+        if state is None or state.members != members:
+            if state is not None:
+                log.info(
+                    "job %s round %d: the updates it counts changed; early aggregate restarted",
+                    job_id,
+                    rnd,
+                )
+            await asyncio.to_thread(path.unlink, True)
+            state = self._eager[key] = eager.EagerRound(members)
+        segment_bytes = (await self.manifest(job_id, rnd - 1)).segment_bytes
+        held = [set(await self.db.run(self.db.segments_of, m.task_id)) for m in members]
+        ready = eager.ready_tensors(layout, segment_bytes, held, state.done)
+        if not ready:
+            return False
+        step = eager.next_step(layout, ready)
+        await self._write_eager(job_id, rnd, layout, state, step)
+        return True
+
+    async def _write_eager(
+        self, job_id: str, rnd: int, layout: Layout, state: eager.EagerRound, step: list[int]
+    ) -> None:
+        path = self.ws.eager_path(job_id, rnd)
+        sources = [
+            Source(self.ws.spool_path(job_id, rnd, m.task_id), m.weight) for m in state.members
+        ]
+        total, chunk_bytes = state.total_weight, self._chunk_bytes
+        with on_disk(f"global model of round {rnd}", path, "write"):
+            await run_stoppable(
+                None,
+                lambda stop: eager.write_step(
+                    path, layout, sources, total, step, chunk_bytes, stop
+                ),
+            )
+        state.done.update(step)
+
+    async def _finish_eager(
+        self, job_id: str, rnd: int, layout: Layout, tasks: list[TaskRow]
+    ) -> tuple[Manifest, int] | None:
+        """The next global model from the early aggregate, if it counts exactly the
+        committed updates (writing the tensors still missing), with the number of
+        tensors written early; None if it does not, and then it is gone."""
+        state = self._eager.pop((job_id, rnd), None)
+        path = self.ws.eager_path(job_id, rnd)
+        if state is None or state.members != eager.committed_members(tasks):
+            await asyncio.to_thread(path.unlink, True)
+            return None
+        early = len(state.done)
+        rest = [i for i in range(len(layout.tensors)) if i not in state.done]
+        if rest:
+            await self._write_eager(job_id, rnd, layout, state, rest)
+        out = self.ws.model_path(job_id, rnd)
+        segment_bytes = self.cfg.segment_bytes
+        with on_disk(f"global model of round {rnd}", out, "write"):
+            man = await asyncio.to_thread(eager.finish, path, layout, segment_bytes, out)
+        return man, early
 
     async def _fold(
         self, job_id: str, rnd: int, task: TaskRow, layout: Layout, tasks: list[TaskRow]
@@ -443,6 +519,35 @@ class JobRunner:
         return self.cfg.aggregation_chunk_mib * 1024 * 1024
 
     async def _close(self, job_id: str, rnd: int, layout: Layout, tasks: list[TaskRow]) -> None:
+        started = time.monotonic()
+        made = await self._finish_eager(job_id, rnd, layout, tasks)
+        if made is None:
+            man = await self._aggregate(job_id, rnd, layout, tasks)
+            how = "from the spools"
+        else:
+            man, early = made
+            how = f"{early} of {len(layout.tensors)} tensors while updates arrived"
+        out = self.ws.model_path(job_id, rnd)
+        with on_disk(f"global model of round {rnd}", out, "write"):
+            await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
+        await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
+        await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
+        for t in tasks:
+            self._declared.pop(t.task_id, None)
+        log.info(
+            "job %s round %d closed: %d updates, total weight %g, aggregated in %.2f s (%s)",
+            job_id,
+            rnd,
+            sum(t.state is TaskState.COMMITTED for t in tasks),
+            sum(float(t.num_samples or 0) for t in tasks if t.state is TaskState.COMMITTED),
+            time.monotonic() - started,
+            how,
+        )
+
+    async def _aggregate(
+        self, job_id: str, rnd: int, layout: Layout, tasks: list[TaskRow]
+    ) -> Manifest:
+        """The next global model from the spools and accumulators on record."""
         sources = self._aggregate_sources(job_id, rnd, tasks)
         total = sum(float(t.num_samples or 0) for t in tasks if t.folded)
         for t in tasks:
@@ -452,24 +557,12 @@ class JobRunner:
                     Source(self.ws.spool_path(job_id, rnd, t.task_id), float(t.num_samples))
                 )
                 total += t.num_samples
-        started = time.monotonic()
         out = self.ws.model_path(job_id, rnd)
         segment_bytes, chunk_bytes = self.cfg.segment_bytes, self._chunk_bytes
         with on_disk(f"global model of round {rnd}", out, "write"):
-            man = await run_stoppable(
+            return await run_stoppable(
                 None,
                 lambda stop: aggregate.finalize(
                     sources, layout, total, out, segment_bytes, chunk_bytes, stop
                 ),
             )
-            await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
-        await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
-        await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
-        log.info(
-            "job %s round %d closed: %d updates, total weight %g, aggregated in %.2f s",
-            job_id,
-            rnd,
-            sum(t.state is TaskState.COMMITTED for t in tasks),
-            total,
-            time.monotonic() - started,
-        )

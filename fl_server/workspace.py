@@ -64,6 +64,10 @@ class Workspace:
     def accumulator_path(self, job_id: str, rnd: int, folded: int) -> Path:
         return self.round_dir(job_id, rnd) / f"acc-{folded}.f64"
 
+    def eager_path(self, job_id: str, rnd: int) -> Path:
+        """The next global model while it is written as updates arrive (see eager)."""
+        return self.round_dir(job_id, rnd) / "eager.safetensors.part"
+
     def spool_path(self, job_id: str, rnd: int, task_id: str) -> Path:
         return self.round_dir(job_id, rnd) / "spool" / f"{task_id}.safetensors"
 
