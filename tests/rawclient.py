@@ -21,7 +21,7 @@ import numpy as np
 from common.digest import segment_range, whole_digest
 from common.modelio import ModelReader, ModelWriter, hash_file_segments
 from common.tensorfile import Layout, Manifest
-from common.wire import CLIENT_HEADER, DIGEST_HEADER
+from common.wire import CLIENT_HEADER, DIGEST_HEADER, NUM_SAMPLES_HEADER
 
 
 @dataclass
@@ -107,9 +107,12 @@ class RawSite:
         digest: str,
         *,
         chunked: bool = False,
+        num_samples: int | str | None = None,
     ) -> Reply:
         path = f"/v1/tasks/{task_id}/upload/{index}"
         headers = {DIGEST_HEADER: digest}
+        if num_samples is not None:
+            headers[NUM_SAMPLES_HEADER] = str(num_samples)
         if chunked:
             pieces = [data[i : i + 65536] for i in range(0, len(data), 65536)]
             return self.request("PUT", path, iter(pieces), headers, chunked=True)
@@ -138,10 +141,13 @@ class RawSite:
         body = {"digest": digest, "num_samples": num_samples, **extra}
         return self.json("POST", f"/v1/tasks/{task_id}/commit", body)
 
-    def upload(self, task_id: str, update: Path, segment_bytes: int) -> list[Reply]:
-        """Every segment of ``update``, in order, with its true digest."""
+    def upload(
+        self, task_id: str, update: Path, segment_bytes: int, num_samples: int | None = None
+    ) -> list[Reply]:
+        """Every segment of ``update``, in order, with its true digest (and the weight
+        declared, if ``num_samples`` is given)."""
         return [
-            self.put_segment(task_id, i, data, digest)
+            self.put_segment(task_id, i, data, digest, num_samples=num_samples)
             for i, data, digest in file_segments(update, segment_bytes)
         ]
 
