@@ -27,7 +27,7 @@ from pathlib import Path
 from common import logctx
 from common.config import JobConfig, ServerConfig
 from common.errors import Conflict, FLError
-from common.storage import on_disk
+from common.storage import on_disk, storage_error
 from common.tensorfile import Layout, Manifest
 from common.wire import JobState, TaskState
 from fl_server import aggregate, eager
@@ -389,13 +389,16 @@ class JobRunner:
                     log.error("job %s round %d failed: %s", job_id, rnd, decision.reason)
                 return
             members = eager.members_of(tasks, self._declared)
-            if members is not None:
-                if await self._eager_step(job_id, rnd, layout, members):
-                    continue  # more may be ready already: look again without waiting
-            elif unfolded:
-                # fold in time, while other clients are still uploading
-                await self._fold(job_id, rnd, unfolded[0], layout, tasks)
-                continue
+            if members is None:
+                # not known for now: what was written early may count updates that go
+                # (or whose spools an accumulator replaces); start over when known
+                await self._drop_eager(job_id, rnd)
+                if unfolded:
+                    # fold in time, while other clients are still uploading
+                    await self._fold(job_id, rnd, unfolded[0], layout, tasks)
+                    continue
+            elif await self._eager_step(job_id, rnd, layout, members):
+                continue  # more may be ready already: look again without waiting
             if (
                 cfg.wait_for_clients_s is not None
                 and not any(t.state is TaskState.ASSIGNED for t in tasks)
@@ -441,25 +444,40 @@ class JobRunner:
         if not ready:
             return False
         step = eager.next_step(layout, ready)
-        await self._write_eager(job_id, rnd, layout, state, step)
+        if not await self._write_eager(job_id, rnd, layout, state, step):
+            await self._drop_eager(job_id, rnd)
         return True
+
+    async def _drop_eager(self, job_id: str, rnd: int) -> None:
+        if self._eager.pop((job_id, rnd), None) is not None:
+            await asyncio.to_thread(self.ws.eager_path(job_id, rnd).unlink, True)
 
     async def _write_eager(
         self, job_id: str, rnd: int, layout: Layout, state: eager.EagerRound, step: list[int]
-    ) -> None:
+    ) -> bool:
+        """Write ``step`` into the early aggregate; False if the spool of one of its
+        members is gone meanwhile (its site reported failure): then it counts a task
+        that is no longer part of the round."""
         path = self.ws.eager_path(job_id, rnd)
         sources = [
             Source(self.ws.spool_path(job_id, rnd, m.task_id), m.weight) for m in state.members
         ]
         total, chunk_bytes = state.total_weight, self._chunk_bytes
-        with on_disk(f"global model of round {rnd}", path, "write"):
+        try:
             await run_stoppable(
                 None,
                 lambda stop: eager.write_step(
                     path, layout, sources, total, step, chunk_bytes, stop
                 ),
             )
+        except FileNotFoundError as exc:
+            if str(exc.filename) in {str(s.path) for s in sources}:
+                return False
+            raise storage_error(exc, f"global model of round {rnd}", path, "write") from exc
+        except OSError as exc:
+            raise storage_error(exc, f"global model of round {rnd}", path, "write") from exc
         state.done.update(step)
+        return True
 
     async def _finish_eager(
         self, job_id: str, rnd: int, layout: Layout, tasks: list[TaskRow]
@@ -474,8 +492,9 @@ class JobRunner:
             return None
         early = len(state.done)
         rest = [i for i in range(len(layout.tensors)) if i not in state.done]
-        if rest:
-            await self._write_eager(job_id, rnd, layout, state, rest)
+        if rest and not await self._write_eager(job_id, rnd, layout, state, rest):
+            await asyncio.to_thread(path.unlink, True)
+            return None
         out = self.ws.model_path(job_id, rnd)
         segment_bytes = self.cfg.segment_bytes
         with on_disk(f"global model of round {rnd}", out, "write"):
