@@ -29,8 +29,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.digest import segment_count, whole_digest
 from common.errors import ModelFormatError
-from common.modelio import compute_manifest, fsync_dir
+from common.modelio import fsync_dir, hash_file_segments
 from common.tensorfile import Layout, Manifest, TensorSpec, plan_layout
 from common.wire import TaskState
 from fl_server.aggregate import Source, write_average
@@ -55,6 +56,7 @@ class EagerRound:
 
     members: tuple[Member, ...]
     done: set[int] = field(default_factory=set)
+    digests: dict[int, str] = field(default_factory=dict)  # of the complete segments
 
     @property
     def total_weight(self) -> float:
@@ -143,46 +145,93 @@ def output_layout(layout: Layout) -> tuple[Layout, bytes]:
 # blocking file work: call from a thread
 
 
+def segment_tensors(out: Layout, segment_bytes: int) -> list[list[int]]:
+    """For each segment of the output file, the tensors with bytes in it."""
+    segments: list[list[int]] = [[] for _ in range(segment_count(out.file_size, segment_bytes))]
+    for i, spec in enumerate(out.tensors):
+        for s in covering_segments(spec, out.data_offset, segment_bytes):
+            segments[s].append(i)
+    return segments
+
+
+def complete_segments(
+    per_segment: Sequence[Sequence[int]], done: Collection[int], hashed: Collection[int]
+) -> list[int]:
+    """Segments not hashed yet whose every byte is final: all their tensors are written
+    (the header is, from the start)."""
+    return [
+        s
+        for s, tensors in enumerate(per_segment)
+        if s not in hashed and all(t in done for t in tensors)
+    ]
+
+
+# blocking file work: call from a thread
+
+
 def write_step(
     path: Path,
     layout: Layout,
     sources: Sequence[Source],
     total_weight: float,
     tensors: Sequence[int],
+    state: EagerRound,
+    segment_bytes: int,
     chunk_bytes: int,
     stop: threading.Event | None = None,
-) -> None:
+) -> dict[int, str]:
     """Write the average of ``tensors`` into the early aggregate at ``path`` (made, at
-    the next global model's size, if missing)."""
-    out, _ = output_layout(layout)
+    the next global model's size and with its header, if missing); return the digests
+    of the segments this completes.
+
+    Each step is synced before it returns: the sync at close then has one step left to
+    wait for, not the model, and segments are hashed while still in the page cache.
+    """
+    out, head = output_layout(layout)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_size != out.file_size:
             os.ftruncate(fd, out.file_size)
+            _pwrite_all(fd, head, 0)
         write_average(
             sources, layout, total_weight, tensors, fd, out.data_offset, chunk_bytes, stop
         )
+        os.fdatasync(fd)
     finally:
         os.close(fd)
+    done = set(state.done) | set(tensors)
+    new = complete_segments(segment_tensors(out, segment_bytes), done, state.digests)
+    return hash_file_segments(path, segment_bytes, new) if new else {}
 
 
-def finish(path: Path, layout: Layout, segment_bytes: int, dest: Path) -> Manifest:
-    """Put the header in, sync, hash, and move the early aggregate to ``dest``."""
-    out, head = output_layout(layout)
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+
+def finish(
+    path: Path, layout: Layout, segment_bytes: int, digests: Mapping[int, str], dest: Path
+) -> Manifest:
+    """Sync the early aggregate, hash what ``digests`` lacks, and move it to ``dest``."""
+    out, _ = output_layout(layout)
     fd = os.open(path, os.O_RDWR)
     try:
         if os.fstat(fd).st_size != out.file_size:
             raise ModelFormatError(f"{path} is not {out.file_size} bytes long")
-        view = memoryview(head)
-        pos = 0
-        while pos < len(head):
-            pos += os.pwrite(fd, view[pos:], pos)
         os.fsync(fd)
     finally:
         os.close(fd)
-    man = compute_manifest(path, segment_bytes)
-    if man.layout != out:
-        raise ModelFormatError(f"{path} does not hold the layout it was written with")
+    count = segment_count(out.file_size, segment_bytes)
+    missing = [i for i in range(count) if i not in digests]
+    every = {**digests, **(hash_file_segments(path, segment_bytes, missing) if missing else {})}
+    ordered = tuple(every[i] for i in range(count))
     os.replace(path, dest)
     fsync_dir(dest.parent)
-    return man
+    return Manifest(
+        layout=out,
+        segment_bytes=segment_bytes,
+        segment_digests=ordered,
+        digest=whole_digest(ordered),
+    )

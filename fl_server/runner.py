@@ -463,11 +463,12 @@ class JobRunner:
             Source(self.ws.spool_path(job_id, rnd, m.task_id), m.weight) for m in state.members
         ]
         total, chunk_bytes = state.total_weight, self._chunk_bytes
+        segment_bytes = self.cfg.segment_bytes
         try:
-            await run_stoppable(
+            digests = await run_stoppable(
                 None,
                 lambda stop: eager.write_step(
-                    path, layout, sources, total, step, chunk_bytes, stop
+                    path, layout, sources, total, step, state, segment_bytes, chunk_bytes, stop
                 ),
             )
         except FileNotFoundError as exc:
@@ -477,6 +478,7 @@ class JobRunner:
         except OSError as exc:
             raise storage_error(exc, f"global model of round {rnd}", path, "write") from exc
         state.done.update(step)
+        state.digests.update(digests)
         return True
 
     async def _finish_eager(
@@ -492,13 +494,16 @@ class JobRunner:
             return None
         early = len(state.done)
         rest = [i for i in range(len(layout.tensors)) if i not in state.done]
-        if rest and not await self._write_eager(job_id, rnd, layout, state, rest):
+        # also with nothing left: the step makes the file if no step did yet
+        if not await self._write_eager(job_id, rnd, layout, state, rest):
             await asyncio.to_thread(path.unlink, True)
             return None
         out = self.ws.model_path(job_id, rnd)
         segment_bytes = self.cfg.segment_bytes
         with on_disk(f"global model of round {rnd}", out, "write"):
-            man = await asyncio.to_thread(eager.finish, path, layout, segment_bytes, out)
+            man = await asyncio.to_thread(
+                eager.finish, path, layout, segment_bytes, state.digests, out
+            )
         return man, early
 
     async def _fold(

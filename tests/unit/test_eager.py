@@ -3,7 +3,6 @@ be the very bytes the plain path writes."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +93,18 @@ def test_a_tensor_is_ready_once_every_update_holds_all_of_its_segments() -> None
     assert eager.ready_tensors(layout, SEGMENT, [set(), everything], set()) == [3]
 
 
+def test_a_segment_is_complete_once_all_its_tensors_are_written() -> None:
+    out, _ = plan_layout(TENSORS)
+    per_segment = eager.segment_tensors(out, SEGMENT)
+    assert per_segment[0] == [0]  # the header and the start of "w"
+    assert 0 in per_segment[2] and 1 in per_segment[2]  # "w" ends where "b" starts
+    assert all(3 not in tensors for tensors in per_segment)  # "e" has no bytes
+    assert eager.complete_segments(per_segment, {0}, set()) == [0, 1]
+    assert eager.complete_segments(per_segment, {0}, {0}) == [1]
+    every = set(range(len(TENSORS)))
+    assert eager.complete_segments(per_segment, every, set()) == list(range(len(per_segment)))
+
+
 def test_a_step_takes_ready_tensors_in_order_up_to_its_size() -> None:
     big, _ = plan_layout([(f"t{i}", "F32", (eager.STEP_BYTES // 8,)) for i in range(5)])
     assert eager.next_step(big, [0, 1, 2, 3, 4]) == [0, 1]
@@ -131,11 +142,21 @@ def test_written_in_any_order_of_steps_it_is_the_plain_aggregate_byte_for_byte(
     want = finalize(sources, layout, total, plain, SEGMENT, 4096)
 
     part, out = tmp_path / "eager.part", tmp_path / "eager.st"
-    order = list(range(len(layout.tensors)))
-    random.Random(n).shuffle(order)
-    for i in range(0, len(order), 2):
-        eager.write_step(part, layout, sources, total, order[i : i + 2], 4096)
-    got = eager.finish(part, layout, SEGMENT, out)
+    order = [2, 0, 3, 1, 5, 4]  # out of file order; "w" early, so some segments complete
+    state = eager.EagerRound(members=())
+    for i in range(0, len(order) - 2, 2):  # the last two left for the close
+        step = order[i : i + 2]
+        state.digests.update(
+            eager.write_step(part, layout, sources, total, step, state, SEGMENT, 4096)
+        )
+        state.done.update(step)
+    # segments hashed early are final: they are the plain file's
+    assert state.digests
+    assert all(want.segment_digests[k] == d for k, d in state.digests.items())
+    assert len(state.digests) < want.num_segments
+    rest = order[len(order) - 2 :]
+    state.digests.update(eager.write_step(part, layout, sources, total, rest, state, SEGMENT, 4096))
+    got = eager.finish(part, layout, SEGMENT, state.digests, out)
     assert got == want
     assert out.read_bytes() == plain.read_bytes()
     assert not part.exists()
