@@ -304,20 +304,29 @@ class ClientDaemon:
             log.info("%s: resuming with the update trained before (it matches its record)", ids)
         if saved is None:
             saved = await self._download_and_train(api, task, files, ids)
-        self.progress.start(task.task_id, Phase.UPLOADING, saved.manifest.file_size)
-        await upload_update(
-            api,
-            task.task_id,
-            files.update,
-            saved.manifest,
-            self.cfg.transfer,
-            self.progress.add,
-            self.stopping,
-            self.metrics,
-            num_samples=saved.result.num_samples,
-        )
-        result = saved.result
-        await commit_update(api, task.task_id, saved.manifest, result.num_samples, result.metrics)
+        # the input model is no longer needed; removing a model-size file takes a while
+        # (its pages leave the page cache), so it goes while the update is sent
+        dropping = asyncio.ensure_future(asyncio.to_thread(files.model.unlink, True))
+        try:
+            self.progress.start(task.task_id, Phase.UPLOADING, saved.manifest.file_size)
+            await upload_update(
+                api,
+                task.task_id,
+                files.update,
+                saved.manifest,
+                self.cfg.transfer,
+                self.progress.add,
+                self.stopping,
+                self.metrics,
+                num_samples=saved.result.num_samples,
+            )
+            result = saved.result
+            await commit_update(
+                api, task.task_id, saved.manifest, result.num_samples, result.metrics
+            )
+        finally:
+            with contextlib.suppress(OSError):  # the folder goes after the commit anyway
+                await dropping
         self.metrics.update_committed()
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, saved.manifest.file_size)
@@ -360,8 +369,6 @@ class ClientDaemon:
         await asyncio.to_thread(save_update, files, saved)
         self._update_written = task.task_id
         log.info("%s: training done", ids)
-        # the input model is no longer needed: free its disk before the upload
-        await asyncio.to_thread(files.model.unlink, True)
         return saved
 
 

@@ -37,6 +37,10 @@ from common.wire import TaskState
 from fl_server.aggregate import Source, write_average
 from fl_server.state import TaskRow
 
+# unsynced bytes of the early aggregate after which a step syncs: often enough that the
+# close has little left to wait for, rarely enough that the steps keep up with uploads
+SYNC_BYTES = 1024 * 1024 * 1024
+
 # the tensors averaged in one step of the round's loop, at least one: small enough that
 # the loop looks at its timeouts and new segments often
 STEP_BYTES = 256 * 1024 * 1024
@@ -57,6 +61,7 @@ class EagerRound:
     members: tuple[Member, ...]
     done: set[int] = field(default_factory=set)
     digests: dict[int, str] = field(default_factory=dict)  # of the complete segments
+    unsynced: int = 0  # bytes written since the last sync
 
     @property
     def total_weight(self) -> float:
@@ -184,8 +189,9 @@ def write_step(
     the next global model's size and with its header, if missing); return the digests
     of the segments this completes.
 
-    Each step is synced before it returns: the sync at close then has one step left to
-    wait for, not the model, and segments are hashed while still in the page cache.
+    A step syncs the file once ``SYNC_BYTES`` are written since the last sync (it then
+    sets ``state.unsynced`` to 0): the sync at close has at most that left to wait
+    for, not the model. Segments are hashed while still in the page cache.
     """
     out, head = output_layout(layout)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -196,7 +202,10 @@ def write_step(
         write_average(
             sources, layout, total_weight, tensors, fd, out.data_offset, chunk_bytes, stop
         )
-        os.fdatasync(fd)
+        state.unsynced += sum(out.tensors[t].nbytes for t in tensors)
+        if state.unsynced >= SYNC_BYTES:
+            os.fdatasync(fd)
+            state.unsynced = 0
     finally:
         os.close(fd)
     done = set(state.done) | set(tensors)

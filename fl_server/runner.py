@@ -21,8 +21,9 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 from common import logctx
 from common.config import JobConfig, ServerConfig
@@ -82,6 +83,7 @@ class JobRunner:
         # a restart the sites declare again and the early work starts over
         self._declared: dict[str, float] = {}
         self._eager: dict[tuple[str, int], eager.EagerRound] = {}
+        self._cleanups: set[asyncio.Future[None]] = set()
 
     # called by handlers
     def poke(self, job_id: str) -> None:
@@ -226,6 +228,10 @@ class JobRunner:
         if job.state not in UNFINISHED_JOB_STATES:
             return
         tasks = await self.db.run(self.db.job_tasks, job_id)
+        for t in tasks:
+            self._declared.pop(t.task_id, None)
+        for key in [k for k in self._eager if k[0] == job_id]:
+            del self._eager[key]  # its file goes with the rounds' folders below
         open_ids = [t.task_id for t in tasks if t.state is TaskState.ASSIGNED]
         if open_ids:
             await self.db.run(self.db.expire_tasks, open_ids, f"job {job.state.value}")
@@ -319,8 +325,18 @@ class JobRunner:
             return [Source(self.ws.spool_path(job_id, rnd, t.task_id), float(t.num_samples))]
         return [Source(self.ws.accumulator_path(job_id, rnd, len(folded)), None)]
 
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
     def _clean_round_dir(self, job_id: str, rnd: int, tasks: list[TaskRow]) -> None:
-        """After a restart: drop half-written files, and files no longer on record."""
+        """After a restart: drop half-written files, files no longer on record, and what
+        is left of the folders of closed rounds."""
+        with contextlib.suppress(FileNotFoundError):
+            for d in self.ws.rounds_dir(job_id).iterdir():
+                if d.name.isdigit() and int(d.name) < rnd:
+                    shutil.rmtree(d, ignore_errors=True)
         keep = {s.path for s in self._aggregate_sources(job_id, rnd, tasks)}
         keep |= {
             self.ws.spool_path(job_id, rnd, t.task_id)
@@ -446,6 +462,14 @@ class JobRunner:
         step = eager.next_step(layout, ready)
         if not await self._write_eager(job_id, rnd, layout, state, step):
             await self._drop_eager(job_id, rnd)
+        elif len(state.done) == len(layout.tensors):
+            log.info(
+                "job %s round %d: all %d tensors averaged while updates arrive; the commits "
+                "decide whether this is the next global model",
+                job_id,
+                rnd,
+                len(layout.tensors),
+            )
         return True
 
     async def _drop_eager(self, job_id: str, rnd: int) -> None:
@@ -555,7 +579,10 @@ class JobRunner:
         with on_disk(f"global model of round {rnd}", out, "write"):
             await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
         await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
-        await asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True)
+        # a round's folder holds a model-size file per update: removing it takes a while,
+        # and the next round need not wait for it (what a crash leaves, the next round's
+        # start removes)
+        self._background(asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True))
         for t in tasks:
             self._declared.pop(t.task_id, None)
         log.info(

@@ -69,8 +69,7 @@ def test_declared_weights_let_the_round_be_averaged_before_it_closes(
     _upload(sites, "site-a", man, 2)
     _upload(sites, "site-b", man, 5)
     # both hold everything: the server averages every tensor before anyone commits
-    eager = cluster.root / "server" / "jobs" / job_id / "rounds" / "1" / "eager.safetensors.part"
-    cluster.wait_for(eager.exists, timeout=20, what="the early aggregate")
+    wait_log(cluster, "server", r"round 1: all 12 tensors averaged while updates arrive")
     _commit(sites, "site-a", man, 2)
     _commit(sites, "site-b", man, 5)
     assert cluster.wait_job(job_id)["job"]["state"] == "finished"
@@ -85,8 +84,7 @@ def test_a_commit_with_another_weight_than_declared_aggregates_from_the_spools(
     job_id, sites, man = _start(cluster, tmp_path, ["site-a", "site-b"], min_clients=2)
     _upload(sites, "site-a", man, 2)
     _upload(sites, "site-b", man, 5)
-    eager = cluster.root / "server" / "jobs" / job_id / "rounds" / "1" / "eager.safetensors.part"
-    cluster.wait_for(eager.exists, timeout=20, what="the early aggregate")
+    wait_log(cluster, "server", r"round 1: all 12 tensors averaged while updates arrive")
     _commit(sites, "site-a", man, 2)
     _commit(sites, "site-b", man, 3)  # not the 5 it declared: the commit decides
     assert cluster.wait_job(job_id)["job"]["state"] == "finished"
@@ -101,8 +99,7 @@ def test_a_site_that_drops_out_after_uploading_is_not_counted(
     job_id, sites, man = _start(cluster, tmp_path, names, min_clients=2)
     for name, weight in zip(names, (1, 2, 4), strict=True):
         _upload(sites, name, man, weight)
-    eager = cluster.root / "server" / "jobs" / job_id / "rounds" / "1" / "eager.safetensors.part"
-    cluster.wait_for(eager.exists, timeout=20, what="the early aggregate")
+    wait_log(cluster, "server", r"round 1: all 12 tensors averaged while updates arrive")
     site_c, task_c, _ = sites["site-c"]
     reply = site_c.json("POST", f"/v1/tasks/{task_c['task_id']}/fail", {"reason": "gone"})
     assert reply.status == 200, reply
