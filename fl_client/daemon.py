@@ -145,6 +145,7 @@ class ClientDaemon:
         # kept across retries of one task within this process (see _do_task)
         self._download: tuple[str, Verified] | None = None
         self._update_written: str | None = None
+        self._removing: set[asyncio.Future[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop``; then finish the segments in flight (bounded) and return."""
@@ -330,7 +331,11 @@ class ClientDaemon:
         self.metrics.update_committed()
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, saved.manifest.file_size)
-        await asyncio.to_thread(shutil.rmtree, files.folder, True)
+        # the task is done; its folder (a model-size update) goes while the next task is
+        # asked for (a crash meanwhile leaves it to the next task's forget_others)
+        removing = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, files.folder, True))
+        self._removing.add(removing)
+        removing.add_done_callback(self._removing.discard)
 
     async def _download_and_train(
         self, api: Api, task: Task, files: TaskFiles, ids: str
