@@ -16,7 +16,9 @@ the files of its unfinished rounds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -84,6 +86,11 @@ class JobRunner:
         self._declared: dict[str, float] = {}
         self._eager: dict[tuple[str, int], eager.EagerRound] = {}
         self._cleanups: set[asyncio.Future[None]] = set()
+        # aggregation work (early steps, folds, closes) in one thread: its chunk buffers
+        # then live in one malloc arena, not in one per worker thread that ran a step
+        self._aggregator = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="fl-aggregate"
+        )
 
     # called by handlers
     def poke(self, job_id: str) -> None:
@@ -171,16 +178,20 @@ class JobRunner:
 
     # the job loops
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for job in await self.db.run(self.db.list_jobs):
-                if job.state in UNFINISHED_JOB_STATES:
-                    await self._end_job(job.job_id)  # the server stopped before it was done
-                if job.state not in TERMINAL_JOB_STATES:
-                    log.info("resuming job %s at round %d", job.job_id, job.round_done + 1)
-                    tg.create_task(self._run_job(job.job_id))
-            while True:
-                job_id = await self._started.get()
-                tg.create_task(self._run_job(job_id))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for job in await self.db.run(self.db.list_jobs):
+                    if job.state in UNFINISHED_JOB_STATES:
+                        await self._end_job(job.job_id)  # stopped before it was done
+                    if job.state not in TERMINAL_JOB_STATES:
+                        log.info("resuming job %s at round %d", job.job_id, job.round_done + 1)
+                        tg.create_task(self._run_job(job.job_id))
+                while True:
+                    job_id = await self._started.get()
+                    tg.create_task(self._run_job(job_id))
+        finally:
+            # every step in it was waited for (run_stoppable): its thread is idle
+            self._aggregator.shutdown(wait=False, cancel_futures=True)
 
     async def _notify_tasks(self) -> None:
         async with self.tasks_changed:
@@ -490,7 +501,7 @@ class JobRunner:
         segment_bytes = self.cfg.segment_bytes
         try:
             digests = await run_stoppable(
-                None,
+                self._aggregator,
                 lambda stop: eager.write_step(
                     path, layout, sources, total, step, state, segment_bytes, chunk_bytes, stop
                 ),
@@ -525,8 +536,9 @@ class JobRunner:
         out = self.ws.model_path(job_id, rnd)
         segment_bytes = self.cfg.segment_bytes
         with on_disk(f"global model of round {rnd}", out, "write"):
-            man = await asyncio.to_thread(
-                eager.finish, path, layout, segment_bytes, state.digests, out
+            man = await asyncio.get_running_loop().run_in_executor(
+                self._aggregator,
+                functools.partial(eager.finish, path, layout, segment_bytes, state.digests, out),
             )
         return man, early
 
@@ -545,7 +557,8 @@ class JobRunner:
             chunk_bytes = self._chunk_bytes
             with on_disk(f"accumulator for task {task.task_id}", out, "write"):
                 await run_stoppable(
-                    None, lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop)
+                    self._aggregator,
+                    lambda stop: aggregate.fold(sources, layout, out, chunk_bytes, stop),
                 )
         await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
         if before:
@@ -612,7 +625,7 @@ class JobRunner:
         segment_bytes, chunk_bytes = self.cfg.segment_bytes, self._chunk_bytes
         with on_disk(f"global model of round {rnd}", out, "write"):
             return await run_stoppable(
-                None,
+                self._aggregator,
                 lambda stop: aggregate.finalize(
                     sources, layout, total, out, segment_bytes, chunk_bytes, stop
                 ),
