@@ -5,8 +5,9 @@ it can be written before: a tensor can be averaged as soon as every update of th
 holds the segments that cover it. Done then, it reads spool bytes that were just
 written (still in the page cache, where a round of a large model would otherwise read
 them back from disk), and it runs while the sites are still sending, instead of after,
-while every site waits. At close only the tensors left are averaged, and the file is
-hashed and synced.
+while every site waits. Segments are hashed as they become complete and the file is
+synced every ``SYNC_BYTES``, so at close only the tensors left are averaged, the
+segments left hashed and the last part synced.
 
 Safety. The work is speculative: it is made with the round's open and committed tasks
 of the moment and the weights the sites declared on their segments (committed ones use
