@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +69,14 @@ class ModelWriter:
     ``finish()``, with or without an exception, aborts: a ``.part`` never outlives the
     block. ``durable=False`` skips both fsyncs in ``finish()``, for scratch files that
     can be regenerated after a crash; the file and manifest are the same either way.
+
+    ``over`` names an existing file with the same header (``same_head``) to write over
+    instead of a new one: it is renamed to the ``.part`` first, so it is gone whatever
+    happens next. Its pages are in the page cache when it was just written, and
+    overwriting them costs a fraction of filling fresh ones, which on a busy host is most
+    of a model-size write; it also halves the disk the pair of files would take. A reader
+    opened on ``over`` before keeps reading it, as long as it never reads bytes this
+    writer has already written.
     """
 
     def __init__(
@@ -79,6 +87,7 @@ class ModelWriter:
         segment_bytes: int,
         metadata: dict[str, str] | None = None,
         durable: bool = True,
+        over: Path | None = None,
     ) -> None:
         if isinstance(tensors, Layout):
             tensors = [(t.name, t.dtype, t.shape) for t in tensors.tensors]
@@ -88,7 +97,11 @@ class ModelWriter:
         self._segment_bytes = segment_bytes
         self._durable = durable
         self._hasher = SegmentHasher(segment_bytes)
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        if over is not None:
+            os.replace(over, self._tmp)
+        # "r+b" keeps the bytes of a file written over; both modes write from offset 0.
+        # Closed in finish() or abort().
+        self._file: BinaryIO = open(self._tmp, "wb" if over is None else "r+b")  # noqa: SIM115
         self._index = 0
         self._filled = 0
         try:
@@ -145,6 +158,7 @@ class ModelWriter:
                 f"{self.current.nbytes} bytes written"
             )
         try:
+            self._file.truncate()  # a file written over may have been longer
             self._file.flush()
             if self._durable:
                 os.fsync(self._file.fileno())
@@ -183,6 +197,17 @@ class ModelWriter:
         # Still open means finish() was never reached (or failed before the rename).
         if not self._file.closed:
             self.abort()
+
+
+def same_head(path: Path, layout: Layout, metadata: dict[str, str] | None = None) -> bool:
+    """Whether ``path`` starts with the header ``ModelWriter`` would write for ``layout``.
+
+    Only then can the writer write over it (``over=``): every tensor is then at the same
+    offset in both, so a chunk replaces the bytes it was computed from.
+    """
+    _, head = plan_layout([(t.name, t.dtype, t.shape) for t in layout.tensors], metadata)
+    with open(path, "rb") as f:
+        return f.read(len(head)) == head
 
 
 def read_layout(path: Path) -> Layout:

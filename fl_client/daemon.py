@@ -35,7 +35,7 @@ from common.errors import (
     TransferError,
     UpdateRejected,
 )
-from common.modelio import ModelReader, ModelWriter
+from common.modelio import ModelReader, ModelWriter, same_head
 from common.storage import is_disk_error, on_disk, storage_error
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
@@ -96,6 +96,11 @@ class Progress:
         self.task_id, self.phase, self.done, self.total = None, Phase.IDLE, 0, 0
 
 
+def _writes_in_place(trainer: Trainer) -> bool:
+    """The trainer's own word that it may write its update over the model (see trainer)."""
+    return getattr(trainer, "in_place", False) is True
+
+
 def _train(
     trainer: Trainer, trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
 ) -> tuple[Manifest, TrainResult]:
@@ -106,13 +111,23 @@ def _train(
     with reader:
         if reader.layout != man.layout:
             raise ModelFormatError(f"{model_path} does not match the task's manifest")
+        with on_disk("model", model_path, "read"):
+            over = (
+                model_path
+                if _writes_in_place(trainer) and same_head(model_path, man.layout)
+                else None
+            )
         with on_disk("update", update_path, "create"):
             # Not fsynced: a record found after a restart is checked against its update
             # (size and every segment's digest) before use, so a torn update after a
             # power loss is trained again. An fsync here would push every update to the
             # disk, though it is deleted once the server has it.
             writer = ModelWriter(
-                update_path, man.layout, segment_bytes=man.segment_bytes, durable=False
+                update_path,
+                man.layout,
+                segment_bytes=man.segment_bytes,
+                durable=False,
+                over=over,
             )
         with writer:
             try:

@@ -9,6 +9,13 @@ It may load whole tensors if it wants; the framework never does. It should call
 
 A plugin is named ``package.module:factory`` in the job file; ``factory(params)`` must
 return an object with ``train(model, update, ctx) -> TrainResult``.
+
+A trainer whose every read of the model comes before its write of the same bytes of the
+update, and that never reads back a part of the model it has written the update for
+(one pass, tensor by tensor, chunk by chunk, as ``add_epsilon`` does), may set
+``in_place = True``: the update is then written over the downloaded model instead of
+into a second file. That spares a site a model-size file on disk and most of the cost of
+writing the update; a trainer stopped halfway then downloads the model again.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Trainer(Protocol):
 
 class AddEpsilon:
     """Adds ``epsilon`` to every element, chunk by chunk: the stand-in for local training."""
+
+    in_place = True  # each chunk is read, then written back to where it came from
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = AddEpsilonParams.model_validate(params)

@@ -23,12 +23,14 @@ class SlowAddEpsilon:
     Its updates are exactly those of the built-in trainer; it only takes longer, so a
     test can act on a client while it is training. With ``hold_file`` it also waits,
     before each tensor, for as long as that file exists, without reporting progress: a
-    plugin deep in a long computation, which a test ends by removing the file.
+    plugin deep in a long computation, which a test ends by removing the file. It reads
+    each chunk before writing it, once, in order: ``in_place`` (a param) is true to it.
     """
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.epsilon = float(params.get("epsilon", 0.001))
         self.sleep_s = float(params.get("sleep_s", 0.5))
+        self.in_place = bool(params.get("in_place", False))
         hold = params.get("hold_file")
         self.hold_file = Path(hold) if hold is not None else None
 

@@ -222,3 +222,37 @@ def test_client_killed_mid_download_resumes_from_its_verified_segments(
     (task,) = tasks_of(status, "site-1", 1)
     assert task["state"] == "committed"
     assert_exact_model(cluster, job_id, 1, [1])
+
+
+def test_client_killed_while_training_over_its_model_downloads_it_again(
+    cluster: Cluster, proxy: ProxyProcess
+) -> None:
+    """A trainer writing in place has half overwritten the model when the kill comes: the
+    model is gone from the task folder (only the unfinished update is left), so the
+    restarted site fetches it again rather than train on a half-trained model."""
+    cluster.start_server()
+    _client(cluster, "site-1", proxy)
+    tensor = 4 * MIB  # 1024 x 1024 float32
+    trainer = {
+        "name": "tests.plugins:slow_add_epsilon",
+        "params": {"sleep_s": 0.4, "in_place": True},
+    }
+    job = {**small_job(rounds=1, clients=1, tensors=8, shape=[1024, 1024]), "trainer": trainer}
+    job_id = cluster.submit(job)
+    cluster.wait_for(
+        lambda: in_phase(cluster, job_id, "site-1", "training", moved=2 * tensor),
+        30,
+        "site-1 two tensors into training",
+    )
+    kill(cluster, "site-1")
+    (task,) = tasks_of(cluster.status(job_id), "site-1", 1)
+    folder = cluster.root / "site-1" / "tasks" / task["task_id"]
+    assert sorted(p.name for p in folder.iterdir()) == ["update.safetensors.part"]
+
+    _client(cluster, "site-1", proxy)
+    status = cluster.wait_job(job_id, timeout=60)
+    assert status["job"]["state"] == "finished", cluster.logs()
+    assert log_text(cluster, "site-1").count("model downloaded and verified") == 2
+    size = status["job"]["model_bytes"]
+    assert proxy.stats().body(GET_MODEL, "down") == 2 * size
+    assert_exact_model(cluster, job_id, 1, [1])

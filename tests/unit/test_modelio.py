@@ -21,6 +21,7 @@ from common.modelio import (
     compute_manifest,
     hash_file_segments,
     read_layout,
+    same_head,
 )
 from common.tensorfile import Manifest, plan_layout, st_dtype
 
@@ -640,3 +641,57 @@ def test_hash_file_segments_empty_file_has_exactly_one_segment(tmp_path: Path) -
     assert hash_file_segments(path, 16, [0]) == {0: xxhash.xxh3_64_hexdigest(b"")}
     with pytest.raises(ValueError, match="segment index 1"):
         hash_file_segments(path, 16, [1])
+
+
+def _plus_one_over(src: Path, dest: Path, segment_bytes: int, *, tail: bytes = b"") -> Manifest:
+    """Write ``src``'s tensors + 1 over ``src`` itself, reading each chunk just before
+    writing it back, the way an in-place trainer must."""
+    layout = read_layout(src)
+    with open(src, "ab") as f:
+        f.write(tail)
+    with (
+        ModelReader(src, layout) as reader,
+        ModelWriter(dest, layout, segment_bytes=segment_bytes, over=src) as w,
+    ):
+        assert not src.exists()
+        for spec in layout.tensors:
+            for first in range(0, spec.numel, 2):
+                chunk = np.empty(min(2, spec.numel - first), dtype=spec.np_dtype)
+                reader.read_into(spec, first, chunk)
+                w.write(chunk + chunk.dtype.type(1))
+        return w.finish()
+
+
+@pytest.mark.parametrize("tail", [b"", b"trailing bytes"], ids=["same size", "longer"])
+def test_writing_over_a_file_gives_the_bytes_of_a_new_one(tmp_path: Path, tail: bytes) -> None:
+    values = {k: v for k, v in _values().items() if v.dtype.kind == "f"}
+    _write(tmp_path / "model.st", values, segment_bytes=16)
+    fresh = _write(tmp_path / "fresh.st", {k: v + 1 for k, v in values.items()}, segment_bytes=16)
+    assert same_head(tmp_path / "model.st", fresh.layout)
+
+    man = _plus_one_over(tmp_path / "model.st", tmp_path / "update.st", 16, tail=tail)
+    assert man == fresh
+    assert (tmp_path / "update.st").read_bytes() == (tmp_path / "fresh.st").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.st", "update.st"]
+
+
+def test_writing_over_a_file_that_fails_leaves_neither_file(tmp_path: Path) -> None:
+    _write(tmp_path / "model.st", {"a": np.arange(4, dtype=np.float32)}, segment_bytes=8)
+    layout = read_layout(tmp_path / "model.st")
+    with (
+        pytest.raises(KeyError),
+        ModelWriter(tmp_path / "u.st", layout, segment_bytes=8, over=tmp_path / "model.st") as w,
+    ):
+        w.write(np.zeros(2, dtype=np.float32))
+        raise KeyError("the trainer failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_head_is_false_for_another_layout_or_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "m.st"
+    _write(path, {"a": np.zeros(4, dtype=np.float32)}, segment_bytes=8, metadata={"r": "1"})
+    layout = read_layout(path)
+    assert same_head(path, layout, {"r": "1"})
+    assert not same_head(path, layout)
+    other, _ = plan_layout([("a", "F32", (2, 2))])
+    assert not same_head(path, other, {"r": "1"})
