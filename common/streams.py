@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import xxhash
@@ -42,8 +42,17 @@ def _iov_max() -> int:
 IOV_MAX = _iov_max()
 
 
-def _write_batch(fd: int, pos: int, batch: list[bytes], hasher: xxhash.xxh3_64) -> None:
+def _write_batch(
+    fd: int,
+    pos: int,
+    batch: list[bytes],
+    hasher: xxhash.xxh3_64,
+    inspect: Callable[[memoryview], None] | None,
+) -> None:
     views = [memoryview(b) for b in batch]
+    if inspect is not None:
+        for view in views:
+            inspect(view)
     first = 0  # the first view not completely written yet
     while first < len(views):
         n = os.pwritev(fd, views[first : first + IOV_MAX], pos)
@@ -68,8 +77,12 @@ async def receive_segment(
     batch_bytes: int,
     path: str | os.PathLike[str] | None = None,
     what: str = "segment file",
+    inspect: Callable[[memoryview], None] | None = None,
 ) -> str:
     """Write exactly ``length`` bytes from ``chunks`` at ``start`` of ``fd``; return xxh3.
+
+    ``inspect`` is handed the same bytes in order, in the writer thread: a check of the
+    content that would otherwise read the written bytes back.
 
     A failing write (disk full, I/O error) is a ``StorageError`` naming ``what``, ``path``
     (the file ``fd`` is open on) and the system's reason; errors of ``chunks`` pass as
@@ -99,7 +112,9 @@ async def receive_segment(
                     f"a received chunk waited more than streaming_read_timeout="
                     f"{read_timeout_s:g} s for the disk writer; the disk is stuck or overloaded"
                 ) from None
-        pending = asyncio.ensure_future(asyncio.to_thread(_write_batch, fd, pos, batch, hasher))
+        pending = asyncio.ensure_future(
+            asyncio.to_thread(_write_batch, fd, pos, batch, hasher, inspect)
+        )
         pos += filled
         batch, filled = [], 0
 

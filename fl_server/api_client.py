@@ -27,6 +27,7 @@ from common.errors import (
     SegmentTooLong,
     StorageError,
     TaskExpired,
+    UpdateRejected,
 )
 from common.storage import on_disk
 from common.streams import receive_segment
@@ -297,6 +298,8 @@ async def upload_segment(request: web.Request) -> web.Response:
             peer=task.client,
             what=f"segment {index} of task {task.task_id}",
         )
+        # the values are checked in the bytes as they are written, not read back
+        values = verify.SegmentValues(man.layout, start, end) if acked is None else None
         try:
             async with timer:
                 digest = await receive_segment(
@@ -309,6 +312,7 @@ async def upload_segment(request: web.Request) -> web.Response:
                     batch_bytes=cfg.transfer.io_chunk_bytes,
                     path=spool if acked is None else os.devnull,
                     what="update spool",
+                    inspect=None if values is None else values.feed,
                 )
         except asyncio.CancelledError:
             # the client went away mid-body (or the server is stopping): nothing recorded
@@ -330,11 +334,12 @@ async def upload_segment(request: web.Request) -> web.Response:
                 f"sender declared {declared}; send it again",
                 field="body",
             )
-        if acked is None:
-            with on_disk("update spool", spool, "read back"):
-                if start == 0:
+        if values is not None:
+            if start == 0:
+                with on_disk("update spool", spool, "read back"):
                     await asyncio.to_thread(verify.check_header_early, spool, man.layout, end)
-                await asyncio.to_thread(verify.check_segment_values, spool, man.layout, start, end)
+            if values.problem is not None:
+                raise UpdateRejected(values.problem, field="tensors")
         elif digest != acked:
             raise Conflict(
                 f"segment {index} of task {task.task_id} is already held with digest {acked}; "

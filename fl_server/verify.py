@@ -1,8 +1,9 @@
 """Checks an uploaded update must pass before it may touch the global model (blocking).
 
-Values are checked per segment as segments arrive (whole elements inside the segment)
-and, at commit, the few elements that straddle a segment boundary; together that is
-every element exactly once, without a second pass over the update at commit time.
+Values are checked per segment in the bytes as they arrive (``SegmentValues``: whole
+elements inside the segment) and, at commit, the few elements that straddle a segment
+boundary; together that is every element exactly once, and the update is never read
+back for it.
 The header is checked as soon as the segment holding it arrives, so an update with
 the wrong tensors is refused at its first segment, naming the tensor, rather than
 after the whole upload.
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from common.errors import ModelFormatError, UpdateRejected
 from common.modelio import byte_view, read_layout
@@ -21,12 +23,25 @@ from common.tensorfile import (
     FLOAT_DTYPES,
     HEADER_LEN_BYTES,
     Layout,
+    TensorSpec,
     check_same_layout,
     header_length,
     parse_header,
 )
 
 CHECK_CHUNK_BYTES = 1024 * 1024
+
+
+def _bad_values(spec: TensorSpec, first: int, vals: npt.NDArray[np.generic]) -> str | None:
+    """Why elements ``first..`` of ``spec`` may not be averaged, or None if they may."""
+    ok = np.isfinite(vals)
+    if ok.all():
+        return None
+    bad = first + int(np.argmin(ok))
+    return (
+        f"tensor {spec.name!r} holds NaN or Inf (first at element {bad}); "
+        "the trainer produced invalid values"
+    )
 
 
 def _check_elements(fd: int, layout: Layout, lo: int, hi: int, buf: np.ndarray) -> None:
@@ -47,24 +62,58 @@ def _check_elements(fd: int, layout: Layout, lo: int, hi: int, buf: np.ndarray) 
             n = min(step, k1 - first)
             view = byte_view(buf)[: n * isz]
             got = os.preadv(fd, [view], a0 + first * isz)
-            vals = np.frombuffer(view[:got], dtype=spec.np_dtype)
-            ok = np.isfinite(vals)
-            if not ok.all():
-                bad = first + int(np.argmin(ok))
-                raise UpdateRejected(
-                    f"tensor {spec.name!r} holds NaN or Inf (first at element {bad}); "
-                    "the trainer produced invalid values",
-                    field="tensors",
+            problem = _bad_values(spec, first, np.frombuffer(view[:got], dtype=spec.np_dtype))
+            if problem is not None:
+                raise UpdateRejected(problem, field="tensors")
+
+
+class SegmentValues:
+    """NaN/Inf among the whole float elements of file bytes [start, end), found in the
+    bytes of the segment as they are received, so the update is never read back.
+
+    ``feed`` takes the segment's bytes in order, in pieces of any size; an element split
+    between pieces is put together from the few bytes kept of the previous ones. The
+    first problem is kept in ``problem`` rather than raised: a segment damaged in flight
+    must come out as a digest mismatch (sent again), not as the trainer's invalid values.
+    Elements across the segment's own ends are ``check_update``'s, at commit.
+    """
+
+    _KEEP = 7  # bytes of an element (at most 8) that can lie before a piece
+
+    def __init__(self, layout: Layout, start: int, end: int) -> None:
+        self._tensors = [
+            (a0, max(a0, start), min(a1, end), spec)
+            for spec in layout.tensors
+            if spec.dtype in FLOAT_DTYPES
+            for a0, a1 in [(layout.data_offset + spec.begin, layout.data_offset + spec.end)]
+            if max(a0, start) < min(a1, end)
+        ]
+        self._pos = start
+        self._tail = b""
+        self.problem: str | None = None
+
+    def feed(self, data: memoryview) -> None:
+        pos, stop = self._pos, self._pos + data.nbytes
+        for a0, lo, hi, spec in self._tensors:
+            if self.problem is not None:
+                break
+            isz = spec.np_dtype.itemsize
+            split = a0 + (pos - a0) // isz * isz  # start of the element holding ``pos``
+            if lo <= split < pos and split + isz <= min(hi, stop):
+                # an element begun in earlier pieces and complete with this one
+                head = self._tail[len(self._tail) - (pos - split) :]
+                raw = head + bytes(data[: split + isz - pos])
+                vals = np.frombuffer(raw, dtype=spec.np_dtype)
+                self.problem = _bad_values(spec, (split - a0) // isz, vals)
+            k0 = -(-(max(pos, lo) - a0) // isz)
+            k1 = (min(stop, hi) - a0) // isz
+            if k1 > k0:
+                whole = data[a0 + k0 * isz - pos : a0 + k1 * isz - pos]
+                self.problem = self.problem or _bad_values(
+                    spec, k0, np.frombuffer(whole, dtype=spec.np_dtype)
                 )
-
-
-def check_segment_values(path: Path, layout: Layout, start: int, end: int) -> None:
-    buf = np.empty(CHECK_CHUNK_BYTES, dtype=np.uint8)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _check_elements(fd, layout, start, end, buf)
-    finally:
-        os.close(fd)
+        self._tail = (self._tail + bytes(data[-self._KEEP :]))[-self._KEEP :]
+        self._pos = stop
 
 
 def check_header_early(path: Path, expected: Layout, received: int) -> None:
