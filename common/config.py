@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -240,6 +241,16 @@ class ClientConfig(_Frozen):
     timeouts: Timeouts = Timeouts()
     transfer: TransferSettings = TransferSettings()
     heartbeat_interval_s: PositiveFloat = Field(10.0, description="Seconds between heartbeats.")
+    keep_spare_files_s: NonNegativeFloat = Field(
+        600.0,
+        description=(
+            "Seconds the site keeps the model-size files of its last task (the update, and "
+            "the model unless the trainer writes in place) while no new task comes, for "
+            "the next task to write over: "
+            "faster than new files, above all on VMs that hand freed memory back to the "
+            "host. 0: delete them at once."
+        ),
+    )
     retry_backoff_max_s: PositiveFloat = Field(
         10.0, description="Longest pause between reconnect attempts to the server."
     )

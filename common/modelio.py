@@ -26,6 +26,7 @@ from common.digest import (
     whole_digest,
 )
 from common.errors import ModelFormatError
+from common.recycle import FilePool
 from common.tensorfile import (
     HEADER_LEN_BYTES,
     Layout,
@@ -76,7 +77,8 @@ class ModelWriter:
     overwriting them costs a fraction of filling fresh ones, which on a busy host is most
     of a model-size write; it also halves the disk the pair of files would take. A reader
     opened on ``over`` before keeps reading it, as long as it never reads bytes this
-    writer has already written.
+    writer has already written. Otherwise, with a ``pool``, the file is a spare from it
+    when one is there, overwritten from the first byte to the last (``common.recycle``).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ModelWriter:
         metadata: dict[str, str] | None = None,
         durable: bool = True,
         over: Path | None = None,
+        pool: FilePool | None = None,
     ) -> None:
         if isinstance(tensors, Layout):
             tensors = [(t.name, t.dtype, t.shape) for t in tensors.tensors]
@@ -99,9 +102,12 @@ class ModelWriter:
         self._hasher = SegmentHasher(segment_bytes)
         if over is not None:
             os.replace(over, self._tmp)
-        # "r+b" keeps the bytes of a file written over; both modes write from offset 0.
-        # Closed in finish() or abort().
-        self._file: BinaryIO = open(self._tmp, "wb" if over is None else "r+b")  # noqa: SIM115
+            reused = True
+        else:
+            reused = pool is not None and pool.take(self._tmp, self.layout.file_size)
+        # "r+b" keeps the bytes of a file written over (its pages are the point of it);
+        # both modes write from offset 0. Closed in finish() or abort().
+        self._file: BinaryIO = open(self._tmp, "r+b" if reused else "wb")  # noqa: SIM115
         self._index = 0
         self._filled = 0
         try:

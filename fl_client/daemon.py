@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import random
-import shutil
+import time
 from pathlib import Path
 
 from common import logctx
@@ -36,6 +36,7 @@ from common.errors import (
     UpdateRejected,
 )
 from common.modelio import ModelReader, ModelWriter, same_head
+from common.recycle import FilePool
 from common.storage import is_disk_error, on_disk, storage_error
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
@@ -46,6 +47,7 @@ from fl_client.retry import FIRST_RETRY_S, TaskBackoff, jittered
 from fl_client.taskdir import (
     SavedUpdate,
     TaskFiles,
+    drop_folder,
     forget_others,
     load_update,
     make_dir,
@@ -102,7 +104,12 @@ def _writes_in_place(trainer: Trainer) -> bool:
 
 
 def _train(
-    trainer: Trainer, trainer_task: Task, model_path: Path, update_path: Path, ctx: TrainContext
+    trainer: Trainer,
+    trainer_task: Task,
+    model_path: Path,
+    update_path: Path,
+    ctx: TrainContext,
+    pool: FilePool,
 ) -> tuple[Manifest, TrainResult]:
     """Run the trainer; any failure of the plugin becomes a ``TrainerFailed`` to report."""
     man = trainer_task.manifest
@@ -128,6 +135,7 @@ def _train(
                 segment_bytes=man.segment_bytes,
                 durable=False,
                 over=over,
+                pool=pool,
             )
         with writer:
             try:
@@ -157,10 +165,12 @@ class ClientDaemon:
         self.metrics = ClientMetrics(self.progress)
         self.registered = asyncio.Event()  # set once the server has answered a heartbeat
         self.tasks_dir = cfg.workspace / "tasks"
+        # the model and update of the last task, for the next one to write over
+        self.pool = FilePool(cfg.workspace / "spare", 2 if cfg.keep_spare_files_s > 0 else 0)
+        self._last_task_end = time.monotonic()
         # kept across retries of one task within this process (see _do_task)
         self._download: tuple[str, Verified] | None = None
         self._update_written: str | None = None
-        self._removing: set[asyncio.Future[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop``; then finish the segments in flight (bounded) and return."""
@@ -230,6 +240,8 @@ class ClientDaemon:
                 continue
             assert reply is not None
             if reply.task is None:
+                if time.monotonic() - self._last_task_end > self.cfg.keep_spare_files_s:
+                    await asyncio.to_thread(self.pool.clear)
                 await asyncio.sleep(reply.retry_after_s * random.uniform(0.5, 1.0))
                 continue
             task_id = reply.task.task_id
@@ -244,7 +256,7 @@ class ClientDaemon:
             except TaskExpired as err:
                 log.warning("%s", err.message)
                 retry.reset()
-                await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
+                await asyncio.to_thread(drop_folder, self.tasks_dir / task_id, self.pool)
             except (UpdateRejected, TrainerFailed, ModelFormatError) as err:
                 log.error("task %s cannot be completed: %s", task_id, err.message)
                 retry.reset()
@@ -275,6 +287,7 @@ class ClientDaemon:
             finally:
                 self.progress.idle()
                 logctx.reset(bound)
+                self._last_task_end = time.monotonic()
             if pause_s:
                 await self._pause(pause_s)
 
@@ -290,7 +303,7 @@ class ClientDaemon:
             await report_failure(api, task_id, reason)
         except FLError as err:
             log.warning("could not report the failure of task %s: %s", task_id, err.message)
-        await asyncio.to_thread(shutil.rmtree, self.tasks_dir / task_id, True)
+        await asyncio.to_thread(drop_folder, self.tasks_dir / task_id, self.pool)
 
     def _verified_download(self, task_id: str) -> Verified:
         """What this process has verified of the task's download (kept across retries)."""
@@ -300,7 +313,7 @@ class ClientDaemon:
 
     async def _do_task(self, api: Api, task: Task) -> None:
         files = TaskFiles(self.tasks_dir / task.task_id)
-        await asyncio.to_thread(forget_others, self.tasks_dir, task.task_id)
+        await asyncio.to_thread(forget_others, self.tasks_dir, task.task_id, self.pool)
         await asyncio.to_thread(make_dir, "task folder", files.folder)
         man = task.manifest
         ids = f"job {task.job_id} round {task.round}/{task.num_rounds} task {task.task_id}"
@@ -320,37 +333,29 @@ class ClientDaemon:
             log.info("%s: resuming with the update trained before (it matches its record)", ids)
         if saved is None:
             saved = await self._download_and_train(api, task, files, ids)
-        # the input model is no longer needed; removing a model-size file takes a while
-        # (its pages leave the page cache), so it goes while the update is sent
-        dropping = asyncio.ensure_future(asyncio.to_thread(files.model.unlink, True))
-        try:
-            self.progress.start(task.task_id, Phase.UPLOADING, saved.manifest.file_size)
-            await upload_update(
-                api,
-                task.task_id,
-                files.update,
-                saved.manifest,
-                self.cfg.transfer,
-                self.progress.add,
-                self.stopping,
-                self.metrics,
-                num_samples=saved.result.num_samples,
-            )
-            result = saved.result
-            await commit_update(
-                api, task.task_id, saved.manifest, result.num_samples, result.metrics
-            )
-        finally:
-            with contextlib.suppress(OSError):  # the folder goes after the commit anyway
-                await dropping
+        # the input model (there is none left after an in-place trainer) is no longer
+        # needed: the next download writes over it
+        await asyncio.to_thread(self.pool.retire, files.model)
+        self.progress.start(task.task_id, Phase.UPLOADING, saved.manifest.file_size)
+        await upload_update(
+            api,
+            task.task_id,
+            files.update,
+            saved.manifest,
+            self.cfg.transfer,
+            self.progress.add,
+            self.stopping,
+            self.metrics,
+            num_samples=saved.result.num_samples,
+        )
+        result = saved.result
+        await commit_update(api, task.task_id, saved.manifest, result.num_samples, result.metrics)
         self.metrics.update_committed()
         log.info("%s: update committed", ids)
         self.progress.start(task.task_id, Phase.DONE, saved.manifest.file_size)
-        # the task is done; its folder (a model-size update) goes while the next task is
-        # asked for (a crash meanwhile leaves it to the next task's forget_others)
-        removing = asyncio.ensure_future(asyncio.to_thread(shutil.rmtree, files.folder, True))
-        self._removing.add(removing)
-        removing.add_done_callback(self._removing.discard)
+        # the task is done: its model-size files go to the pool for the next task to
+        # write over (a crash before leaves them to the next task's forget_others)
+        await asyncio.to_thread(drop_folder, files.folder, self.pool)
 
     async def _download_and_train(
         self, api: Api, task: Task, files: TaskFiles, ids: str
@@ -369,6 +374,7 @@ class ClientDaemon:
             self.stopping,
             self.metrics,
             self._verified_download(task.task_id),
+            self.pool,
         )
         log.info("%s: model downloaded and verified", ids)
         self.progress.start(task.task_id, Phase.TRAINING, man.file_size)
@@ -382,7 +388,7 @@ class ClientDaemon:
         )
         update_man, result = await run_unjoined(
             f"trainer {task.task_id}",
-            functools.partial(_train, trainer, task, files.model, files.update, ctx),
+            functools.partial(_train, trainer, task, files.model, files.update, ctx, self.pool),
         )
         saved = SavedUpdate(update_man, result)
         # the record goes last, atomically: no record, or one for a complete update

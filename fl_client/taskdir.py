@@ -27,6 +27,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from common.modelio import fsync_dir, hash_file_segments
+from common.recycle import FilePool
 from common.storage import on_disk
 from common.tensorfile import Manifest
 from fl_client.trainer import TrainResult
@@ -45,6 +46,16 @@ class TaskFiles:
         return self.folder / "update.safetensors"
 
     @property
+    def model_part(self) -> Path:
+        """The model while it downloads (named by ``fl_client.transfer``)."""
+        return self.folder / "model.safetensors.part"
+
+    @property
+    def update_part(self) -> Path:
+        """The update while it is written (named by ``ModelWriter``)."""
+        return self.folder / "update.safetensors.part"
+
+    @property
     def record(self) -> Path:
         return self.folder / "update.json"
 
@@ -60,11 +71,19 @@ def make_dir(what: str, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
-def forget_others(tasks_dir: Path, keep: str) -> None:
+def drop_folder(folder: Path, pool: FilePool) -> None:
+    """Remove a task's folder; its model-size files go to ``pool`` for reuse."""
+    files = TaskFiles(folder)
+    for path in (files.model, files.update, files.model_part, files.update_part):
+        pool.retire(path)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def forget_others(tasks_dir: Path, keep: str, pool: FilePool) -> None:
     """Remove the folders of other tasks: their rounds are over."""
     for d in tasks_dir.iterdir():
         if d.is_dir() and d.name != keep:
-            shutil.rmtree(d, ignore_errors=True)
+            drop_folder(d, pool)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -39,6 +39,7 @@ from common.errors import (
     TransferError,
 )
 from common.modelio import hash_file_segments
+from common.recycle import FilePool
 from common.storage import on_disk
 from common.streams import file_range_chunks, receive_segment
 from common.tensorfile import Manifest
@@ -172,6 +173,21 @@ def _prepare_part(part: Path, size: int) -> bool:
             return False
 
 
+def _take_spare(pool: FilePool, part: Path, journal: Path, size: int) -> bool:
+    """Start the download in a spare file of ``pool``; True if one was taken.
+
+    None of its stale bytes counts: its journal is started afresh.
+    """
+    if part.exists():
+        return False
+    with on_disk("download", part, "create"):
+        part.parent.mkdir(parents=True, exist_ok=True)
+        if not pool.take(part, size):
+            return False
+        journal.unlink(missing_ok=True)
+    return True
+
+
 def _verified_segments(part: Path, journal: Path, man: Manifest) -> set[int]:
     """Journal entries whose bytes on disk still match the manifest."""
     claimed = [
@@ -208,16 +224,22 @@ async def download_model(
     stopping: asyncio.Event,
     metrics: ClientMetrics | None = None,
     verified: Verified | None = None,
+    pool: FilePool | None = None,
 ) -> None:
     """Fetch the model into ``dest`` (resuming a previous partial download).
 
-    Pass the same ``verified`` to every attempt at one download in this process.
+    Pass the same ``verified`` to every attempt at one download in this process. A new
+    download is written over a spare file of ``pool`` when there is one.
     """
     if await asyncio.to_thread(dest.exists):
         return
     verified = verified if verified is not None else Verified()
     part = dest.with_name(dest.name + ".part")
     journal = dest.with_name(dest.name + ".segments")
+    if pool is not None and await asyncio.to_thread(
+        _take_spare, pool, part, journal, man.file_size
+    ):
+        verified.segments = set()  # a spare: nothing in it is this model's yet
     if not await asyncio.to_thread(_prepare_part, part, man.file_size):
         verified.segments = None  # a new or resized file: nothing in it can be trusted
     if verified.segments is None:

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import ParamSpec
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from common.errors import (
     TaskExpired,
     UpdateRejected,
 )
+from common.recycle import FilePool
 from common.storage import on_disk
 from common.streams import receive_segment
 from common.timeouts import ProgressTimer, Stage
@@ -217,9 +219,13 @@ def _open_sink() -> int:
     return os.open(os.devnull, os.O_WRONLY)
 
 
-def _open_spool(path: os.PathLike[str], size: int) -> int:
+def _open_spool(path: Path, size: int, pool: FilePool) -> int:
+    """The task's spool, ``size`` bytes; a new one is a spare from ``pool`` if there is one
+    (only acknowledged segments of a spool are ever read)."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not path.exists():
+            pool.take(path, size)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise StorageError(f"cannot open the spool file {path}: {exc.strerror}") from exc
@@ -281,7 +287,8 @@ async def upload_segment(request: web.Request) -> web.Response:
     uploads = request.app[LIMITS].uploads
     uploads.acquire(task.client)  # refuses beyond limits.max_uploads_per_client
     busy.add(key)
-    spool = request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id)
+    ws = request.app[WORKSPACE]
+    spool = ws.spool_path(task.job_id, task.round, task.task_id)
     started = time.monotonic()
     try:
         # A segment already acknowledged is never overwritten: a resend after a lost ack
@@ -289,7 +296,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         # body) leaves the stored bytes as they were.
         acked = (await db.run(db.open_task_segments, task.task_id)).get(index)
         if acked is None:
-            fd = await _open_in_thread(_open_spool, spool, man.file_size)
+            fd = await _open_in_thread(_open_spool, spool, man.file_size, ws.spares)
         else:
             fd = await _open_in_thread(_open_sink)
         timer = ProgressTimer(
@@ -411,9 +418,8 @@ async def fail_task(request: web.Request) -> web.Response:
     body = await read_json(request, TaskFailure)
     reason = f"site reported: {body.reason}"
     await db.run(db.reject_task, task.task_id, reason, time.time())
-    await asyncio.to_thread(
-        request.app[WORKSPACE].spool_path(task.job_id, task.round, task.task_id).unlink, True
-    )
+    ws = request.app[WORKSPACE]
+    await asyncio.to_thread(ws.spares.retire, ws.spool_path(task.job_id, task.round, task.task_id))
     request.app[RUNNER].poke(task.job_id)
     log.warning(
         "job %s round %d: task %s of %s rejected: %s",

@@ -86,6 +86,8 @@ async def serve(cfg: ServerConfig) -> int:
     ws = Workspace(cfg.workspace)
     lock = ws.lock()
     try:
+        # spares from an earlier run: whatever job comes next may not need them
+        await asyncio.to_thread(ws.spares.clear)
         app = build_app(cfg, ws)
         try:
             return await _serve(cfg, app)

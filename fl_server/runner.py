@@ -30,6 +30,7 @@ from typing import Any
 from common import logctx
 from common.config import JobConfig, ServerConfig
 from common.errors import Conflict, FLError
+from common.recycle import FilePool
 from common.storage import on_disk, storage_error
 from common.tensorfile import Layout, Manifest
 from common.wire import JobState, TaskState
@@ -59,9 +60,9 @@ CLIENT_WAIT_RECHECK_S = 0.5
 UNFINISHED_JOB_STATES = frozenset({JobState.ABORTED, JobState.FAILED})
 
 
-def _unlink(paths: Iterable[Path]) -> None:
+def _retire(pool: FilePool, paths: Iterable[Path]) -> None:
     for path in paths:
-        path.unlink(missing_ok=True)
+        pool.retire(path)
 
 
 def _view(t: TaskRow) -> TaskView:
@@ -234,7 +235,10 @@ class JobRunner:
 
     async def _end_job(self, job_id: str) -> None:
         """A job that ended without finishing: its open tasks expire, and the files of its
-        unfinished rounds (spools, accumulators: up to a model per site) are removed."""
+        unfinished rounds (spools, accumulators: up to a model per site) are removed.
+        The spare files go too once no job runs."""
+        if all(j == job_id for j in self._drives):  # no other job writes over them
+            await asyncio.to_thread(self.ws.spares.clear)
         job = await self.db.run(self.db.get_job, job_id)
         if job.state not in UNFINISHED_JOB_STATES:
             return
@@ -358,6 +362,16 @@ class JobRunner:
         for p in [*rdir.glob("*"), *rdir.glob("spool/*")]:
             if p.is_file() and p not in keep:
                 p.unlink()
+
+    def _retire_round_dir(self, job_id: str, rnd: int, keep: int) -> None:
+        """Remove a closed round's folder; its spools and accumulators go to the pool,
+        which keeps as many as the round had tasks: the next round needs about as many."""
+        rdir = self.ws.round_dir(job_id, rnd)
+        _retire(
+            self.ws.spares, [p for p in [*rdir.glob("*"), *rdir.glob("spool/*")] if p.is_file()]
+        )
+        self.ws.spares.trim(keep)
+        shutil.rmtree(rdir, ignore_errors=True)
 
     async def _drive_round(self, job_id: str, cfg: JobConfig, rnd: int) -> None:
         logctx.bind(round=rnd)
@@ -562,8 +576,8 @@ class JobRunner:
                 )
         await self.db.run(self.db.mark_folded, task.task_id, job_id, rnd, count, weight)
         if before:
-            # files of a model's size: unlinking one takes long on some file systems
-            await asyncio.to_thread(_unlink, [*(s.path for s in before), spool])
+            # files of a model's size: the next ones are written over them
+            await asyncio.to_thread(_retire, self.ws.spares, [*(s.path for s in before), spool])
         log.info(
             "job %s round %d: update of %s (task %s, weight %g) folded in %.2f s",
             job_id,
@@ -592,10 +606,10 @@ class JobRunner:
         with on_disk(f"global model of round {rnd}", out, "write"):
             await asyncio.to_thread(self.ws.save_manifest, job_id, rnd, man)
         await self.db.run(self.db.close_round, job_id, rnd, [], time.time())
-        # a round's folder holds a model-size file per update: removing it takes a while,
-        # and the next round need not wait for it (what a crash leaves, the next round's
+        # a round's folder holds a model-size file per update: they go to the pool for the
+        # next round's spools to be written over (what a crash leaves, the next round's
         # start removes)
-        self._background(asyncio.to_thread(shutil.rmtree, self.ws.round_dir(job_id, rnd), True))
+        await asyncio.to_thread(self._retire_round_dir, job_id, rnd, len(tasks))
         for t in tasks:
             self._declared.pop(t.task_id, None)
         log.info(

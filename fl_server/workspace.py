@@ -7,14 +7,20 @@ import os
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.recycle import FilePool
 from common.storage import on_disk
 from common.tensorfile import Manifest
+
+# spools and accumulators of a round kept for the next round to write over; the round
+# trims it to its own count (see JobRunner), this only bounds it
+MAX_SPARES = 64
 
 
 class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.spares = FilePool(root / "spare", MAX_SPARES)
 
     @property
     def lock_path(self) -> Path:

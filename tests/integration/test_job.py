@@ -45,6 +45,15 @@ def test_three_rounds_two_clients_exact(cluster: Cluster) -> None:
     assert [r["num_updates"] for r in status["rounds"]] == [2, 2, 2]
     assert {t["client"] for t in status["tasks"]} == {"site-1", "site-2"}
     assert all(t["state"] == "committed" for t in status["tasks"])
+    # each site keeps its last update (add_epsilon wrote it over the model) to write
+    # the next task over; the server's spares (the spools) are gone with the job
+    for site in ("site-1", "site-2"):
+        spare = cluster.root / site / "spare"
+        cluster.wait_for(
+            lambda spare=spare: len(list(spare.iterdir())) == 1, timeout=10, what=f"{spare}"
+        )
+        assert not list((cluster.root / site / "tasks").iterdir())
+    assert not list((cluster.root / "server" / "spare").glob("*"))
 
 
 def test_unequal_client_weights(cluster: Cluster) -> None:
