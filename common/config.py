@@ -43,10 +43,8 @@ class _Frozen(BaseModel):
 class ServerTransferSettings(_Frozen):
     """How the server takes in update segments: through bounded hand-overs to disk."""
 
-    # the server writes every site's upload, so it takes bigger batches: fewer, longer
-    # writes while its disk is busiest (see TransferSettings for the figures)
     io_chunk_kib: PositiveInt = Field(
-        4096, le=65536, description="KiB handed to the disk writer at a time."
+        1024, le=65536, description="KiB handed to the disk writer at a time."
     )
 
     @property
@@ -61,17 +59,6 @@ class TransferSettings(ServerTransferSettings):
     server's ``transfer:`` takes ``io_chunk_kib`` only and refuses the others by name.
     """
 
-    io_chunk_kib: PositiveInt = Field(
-        1024,
-        le=65536,
-        description=(
-            "KiB handed to the disk writer at a time, and read from disk per chunk sent. "
-            "The server's own `transfer.io_chunk_kib` defaults to 4096: it writes all "
-            "sites' uploads, and with 4 MiB batches two 4 GiB updates went up in 16 to 18 s "
-            "instead of about 20 s on a 2-core VM. Memory per segment in flight is about "
-            "two batches."
-        ),
-    )
     window: PositiveInt = Field(
         4, le=64, description="Segments in flight at once, each on its own connection."
     )

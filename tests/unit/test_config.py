@@ -80,8 +80,8 @@ def test_server_defaults(tmp_path: Path) -> None:
     assert cfg.timeouts == Timeouts(
         communication_timeout=300.0, streaming_ack_wait=300.0, streaming_read_timeout=300.0
     )
-    assert cfg.transfer.io_chunk_kib == 4096  # a site's default is 1024
-    assert cfg.transfer.io_chunk_bytes == 4 * MIB
+    assert cfg.transfer.io_chunk_kib == 1024
+    assert cfg.transfer.io_chunk_bytes == 1024 * 1024
     assert cfg.segment_mib == 32
     assert cfg.segment_bytes == 32 * MIB == 33_554_432
     assert cfg.client_gone_after_s == 60.0
@@ -140,7 +140,6 @@ def test_client_defaults(tmp_path: Path) -> None:
     assert cfg.timeouts == Timeouts()
     assert cfg.timeouts.communication_timeout == 300.0
     assert cfg.transfer.window == 4
-    assert cfg.transfer.io_chunk_kib == 1024
     assert cfg.keep_spare_files_s == 600.0
     assert cfg.heartbeat_interval_s == 10.0
     assert cfg.retry_backoff_max_s == 10.0
