@@ -241,12 +241,14 @@ def _open_spool(path: Path, size: int, pool: FilePool) -> int:
 
 
 def _declared_weight(request: web.Request) -> int | None:
+    """The sample count a segment declares: ASCII digits only (``int()`` alone would also
+    take ``+5``, ``5_0`` or other scripts' digits, none of which a site sends)."""
     raw = request.headers.get(NUM_SAMPLES_HEADER)
     if raw is None:
         return None
     try:
-        value = int(raw)
-    except ValueError:
+        value = int(raw) if raw.isascii() and raw.isdigit() else 0
+    except ValueError:  # beyond Python's limit on digits in a number
         value = 0
     if value < 1:
         raise RequestError(

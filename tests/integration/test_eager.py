@@ -107,7 +107,7 @@ def test_a_malformed_declared_weight_is_refused_by_name(cluster: Cluster, tmp_pa
     job_id, sites, man = _start(cluster, tmp_path, ["site-a", "site-b"], min_clients=2)
     site, task, update = sites["site-a"]
     data = update.read_bytes()[: man.segment_bytes]
-    for value in ("0", "-3", "many", "1.5", ""):
+    for value in ("0", "-3", "many", "1.5", "", "+5", "5_0", "9" * 5000):
         reply = site.put_segment(task["task_id"], 0, data, segment_digest(data), num_samples=value)
         assert reply.status == 400, (value, reply)
         assert reply.code == "bad_request" and "X-FL-Num-Samples" in reply.message, reply
