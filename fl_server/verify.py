@@ -29,8 +29,6 @@ from common.tensorfile import (
     parse_header,
 )
 
-CHECK_CHUNK_BYTES = 1024 * 1024
-
 
 def _bad_values(spec: TensorSpec, first: int, vals: npt.NDArray[np.generic]) -> str | None:
     """Why elements ``first..`` of ``spec`` may not be averaged, or None if they may."""
