@@ -27,6 +27,7 @@ from common.digest import (
 )
 from common.errors import ModelFormatError
 from common.recycle import FilePool
+from common.storage import allocate
 from common.tensorfile import (
     HEADER_LEN_BYTES,
     Layout,
@@ -111,6 +112,7 @@ class ModelWriter:
         self._index = 0
         self._filled = 0
         try:
+            allocate(self._file.fileno(), self.layout.file_size)
             self._emit(head)
         except BaseException:
             self.abort()

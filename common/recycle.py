@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from common.storage import allocate
+
 
 class FilePool:
     """Spare files in ``folder``, handed out for reuse; thread-safe within one process."""
@@ -51,7 +53,7 @@ class FilePool:
 
         ``dest`` must not exist; if it appears meanwhile it is left alone and the spare
         stays in the pool. A spare at least ``size`` bytes long is preferred: a shorter
-        one is extended with a hole, which the writer fills.
+        one is extended, its new blocks allocated.
         """
         if self.max_files <= 0:
             return False
@@ -63,7 +65,7 @@ class FilePool:
             pick = min(bigger, key=_second) if bigger else max(spares, key=_second)
             try:
                 if pick[1] != size:
-                    os.truncate(pick[0], size)
+                    _resize(pick[0], size)
                 return _move_no_replace(pick[0], dest)
             except OSError:
                 return False
@@ -130,3 +132,11 @@ def _move_no_replace(src: Path, dest: Path) -> bool:
         dest.unlink(missing_ok=True)  # never two names for one file
         return False
     return True
+
+
+def _resize(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        allocate(fd, size)
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeGuard
@@ -49,3 +50,25 @@ def on_disk(what: str, path: Path, action: str) -> Iterator[None]:
 
 def is_disk_error(exc: BaseException) -> TypeGuard[OSError]:
     return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
+
+
+def allocate(fd: int, size: int) -> None:
+    """Make the file open at ``fd`` exactly ``size`` bytes long, its blocks allocated.
+
+    Why not a sparse file: filling holes makes the filesystem allocate blocks page by
+    page as they are written back, which on ext4 costs about three times the kernel
+    time of writing into allocated blocks, and the disk runs at half speed meanwhile
+    (4 GiB written and synced: 2.9-3.4 s of system time into a sparse file, 0.9-1.3 s
+    into an allocated one, on the machine the benchmark ran on). Also, a disk without
+    room for the whole file says so now, not part-way through it.
+
+    A filesystem without ``fallocate`` gets a sparse file. Blocking: call from a thread.
+    """
+    if os.fstat(fd).st_size > size:
+        os.ftruncate(fd, size)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)

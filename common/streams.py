@@ -18,6 +18,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import xxhash
 
 from common.errors import (
@@ -64,6 +65,21 @@ def _write_batch(
         if n:
             hasher.update(views[first][:n])
             views[first] = views[first][n:]
+
+
+async def body_pieces(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """A body's bytes in the pieces aiohttp received them, each handed over as it is.
+
+    ``iter_any`` joins every piece buffered at the moment into one new bytes object: a
+    copy of the body whenever the reader falls behind the socket, which is when the
+    process is busiest. ``readchunk`` never joins pieces outside HTTP chunk boundaries.
+    """
+    while True:
+        data, chunk_end = await stream.readchunk()
+        if data:
+            yield data
+        elif not chunk_end:  # (b"", False): the end of the body
+            return
 
 
 async def receive_segment(

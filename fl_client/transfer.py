@@ -40,8 +40,8 @@ from common.errors import (
 )
 from common.modelio import hash_file_segments
 from common.recycle import FilePool
-from common.storage import on_disk
-from common.streams import file_range_chunks, receive_segment
+from common.storage import allocate, on_disk
+from common.streams import body_pieces, file_range_chunks, receive_segment
 from common.tensorfile import Manifest
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
@@ -169,7 +169,7 @@ def _prepare_part(part: Path, size: int) -> bool:
         with open(part, "ab") as f:
             if os.fstat(f.fileno()).st_size == size:
                 return True
-            f.truncate(size)
+            allocate(f.fileno(), size)
             return False
 
 
@@ -292,7 +292,7 @@ async def download_model(
                             f"{what}: server ignored the range (HTTP {resp.status})"
                         )
                     digest = await receive_segment(
-                        resp.content.iter_any(),
+                        body_pieces(resp.content),
                         fd,
                         start,
                         end - start,

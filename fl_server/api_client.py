@@ -31,8 +31,8 @@ from common.errors import (
     UpdateRejected,
 )
 from common.recycle import FilePool
-from common.storage import on_disk
-from common.streams import receive_segment
+from common.storage import allocate, on_disk
+from common.streams import body_pieces, receive_segment
 from common.timeouts import ProgressTimer, Stage
 from common.wire import (
     DIGEST_HEADER,
@@ -230,8 +230,7 @@ def _open_spool(path: Path, size: int, pool: FilePool) -> int:
     except OSError as exc:
         raise StorageError(f"cannot open the spool file {path}: {exc.strerror}") from exc
     try:
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
+        allocate(fd, size)
     except OSError as exc:
         os.close(fd)
         raise StorageError(
@@ -312,7 +311,7 @@ async def upload_segment(request: web.Request) -> web.Response:
         try:
             async with timer:
                 digest = await receive_segment(
-                    request.content.iter_any(),
+                    body_pieces(request.content),
                     fd,
                     start,
                     end - start,

@@ -33,6 +33,7 @@ from pathlib import Path
 from common.digest import segment_count, whole_digest
 from common.errors import ModelFormatError
 from common.modelio import fsync_dir, hash_file_segments
+from common.storage import allocate
 from common.tensorfile import Layout, Manifest, TensorSpec, plan_layout
 from common.wire import TaskState
 from fl_server.aggregate import Source, write_average
@@ -198,7 +199,7 @@ def write_step(
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_size != out.file_size:
-            os.ftruncate(fd, out.file_size)
+            allocate(fd, out.file_size)
             _pwrite_all(fd, head, 0)
         write_average(
             sources, layout, total_weight, tensors, fd, out.data_offset, chunk_bytes, stop

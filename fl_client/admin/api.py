@@ -26,6 +26,7 @@ from common import wire
 from common.config import JobConfig
 from common.errors import ModelFormatError, ProtocolError, StorageError, TransferError
 from common.modelio import read_layout
+from common.streams import body_pieces
 from common.timeouts import ProgressTimer, Stage
 from fl_client.admin.progress import TERMINAL
 from fl_client.http import Api, raise_for_error, transport_error
@@ -158,7 +159,7 @@ async def _stream_body(
     """Write the body to ``file``; more than ``limit`` bytes is not the job's model."""
     written = 0
     batch = bytearray()
-    async for chunk in resp.content.iter_any():
+    async for chunk in body_pieces(resp.content):
         timer.progress(len(chunk))
         batch += chunk
         if limit is not None and written + len(batch) > limit:

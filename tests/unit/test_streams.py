@@ -1,16 +1,20 @@
-"""Receiving a segment to disk: many small network chunks, and a disk that refuses."""
+"""Receiving a segment to disk: many small network chunks, and a disk that refuses; a
+body's pieces taken as aiohttp received them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import xxhash
+from aiohttp.base_protocol import BaseProtocol
 
 from common.errors import StorageError
-from common.streams import receive_segment
+from common.streams import body_pieces, receive_segment
 from common.timeouts import ProgressTimer, Stage
 
 
@@ -65,3 +69,34 @@ async def test_a_disk_that_refuses_is_a_storage_error_naming_the_file() -> None:
     finally:
         os.close(fd)
     assert err.value.http_status == 507
+
+
+def _stream() -> aiohttp.StreamReader:
+    loop = asyncio.get_running_loop()
+    return aiohttp.StreamReader(BaseProtocol(loop), 1 << 20, loop=loop)
+
+
+async def _collect(stream: aiohttp.StreamReader) -> list[bytes]:
+    return [piece async for piece in body_pieces(stream)]
+
+
+async def test_body_pieces_hands_over_the_received_pieces_as_they_are() -> None:
+    # pieces buffered before the reader comes: iter_any would join them into a copy
+    stream = _stream()
+    pieces = [bytes([i]) * (1000 + i) for i in range(5)]
+    for p in pieces:
+        stream.feed_data(p)
+    stream.feed_eof()
+    got = await _collect(stream)
+    assert got == pieces
+    assert all(g is p for g, p in zip(got, pieces, strict=True))
+
+
+async def test_body_pieces_reads_a_chunked_body_to_its_end() -> None:
+    stream = _stream()
+    for data in (b"abc", b"", b"defgh"):  # an empty HTTP chunk is no end of the body
+        stream.begin_http_chunk_receiving()
+        stream.feed_data(data)
+        stream.end_http_chunk_receiving()
+    stream.feed_eof()
+    assert b"".join(await _collect(stream)) == b"abcdefgh"
