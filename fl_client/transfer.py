@@ -166,11 +166,14 @@ def _prepare_part(part: Path, size: int) -> bool:
     """Make ``part`` a file of ``size`` bytes; True if it was one already (a resume)."""
     with on_disk("download", part, "create"):
         part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "ab") as f:
-            if os.fstat(f.fileno()).st_size == size:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size == size:
                 return True
-            allocate(f.fileno(), size)
+            allocate(fd, size)  # not O_APPEND: glibc's fallback for fallocate refuses it
             return False
+        finally:
+            os.close(fd)
 
 
 def _take_spare(pool: FilePool, part: Path, journal: Path, size: int) -> bool:
