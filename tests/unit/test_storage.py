@@ -56,13 +56,17 @@ def test_a_longer_file_is_cut_and_a_shorter_one_grown_keeping_its_bytes(tmp_path
     assert path.read_bytes() == b"x" * 40 + b"\0" * 20
 
 
+def _fallocate_fails(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+
+
 def test_a_filesystem_without_fallocate_gets_a_sparse_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(fd: int, offset: int, length: int) -> None:
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-
-    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    _fallocate_fails(monkeypatch, errno.EOPNOTSUPP)
     path = tmp_path / "spool"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
@@ -75,10 +79,7 @@ def test_a_filesystem_without_fallocate_gets_a_sparse_file(
 def test_a_full_disk_is_reported_not_papered_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def full(fd: int, offset: int, length: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    _fallocate_fails(monkeypatch, errno.ENOSPC)
     fd = os.open(tmp_path / "spool", os.O_RDWR | os.O_CREAT)
     try:
         with pytest.raises(OSError) as err:
