@@ -10,9 +10,10 @@ was being done, the file and the operating system's reason.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeGuard
 
@@ -62,13 +63,39 @@ def allocate(fd: int, size: int) -> None:
     into an allocated one, on the machine the benchmark ran on). Also, a disk without
     room for the whole file says so now, not part-way through it.
 
-    A filesystem without ``fallocate`` gets a sparse file. Blocking: call from a thread.
+    A filesystem without ``fallocate`` gets a sparse file: not glibc's stand-in for
+    ``posix_fallocate``, which writes a zero into every block that reads as zero and so
+    could overwrite bytes another thread writes meanwhile. Existing bytes are kept.
+    Blocking: call from a thread.
     """
     if os.fstat(fd).st_size > size:
         os.ftruncate(fd, size)
     try:
-        os.posix_fallocate(fd, 0, size)
+        _fallocate(fd, size)
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
         os.ftruncate(fd, size)
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.fallocate64
+    except (OSError, AttributeError):
+        return None  # not Linux with glibc or musl
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _load_fallocate()
+
+
+def _fallocate(fd: int, size: int) -> None:
+    """Linux's ``fallocate(fd, 0, 0, size)``: blocks allocated, the size grown to ``size``."""
+    if _FALLOCATE is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _FALLOCATE(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))

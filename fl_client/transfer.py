@@ -170,7 +170,7 @@ def _prepare_part(part: Path, size: int) -> bool:
         try:
             if os.fstat(fd).st_size == size:
                 return True
-            allocate(fd, size)  # not O_APPEND: glibc's fallback for fallocate refuses it
+            allocate(fd, size)
             return False
         finally:
             os.close(fd)

@@ -230,7 +230,8 @@ def _open_spool(path: Path, size: int, pool: FilePool) -> int:
     except OSError as exc:
         raise StorageError(f"cannot open the spool file {path}: {exc.strerror}") from exc
     try:
-        allocate(fd, size)
+        if os.fstat(fd).st_size != size:  # new, or a spare of another size
+            allocate(fd, size)
     except OSError as exc:
         os.close(fd)
         raise StorageError(

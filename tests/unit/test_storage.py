@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from common import storage
 from common.storage import allocate
 
 MIB = 1024 * 1024
@@ -21,7 +22,7 @@ def _fs_allocates(tmp_path: Path) -> bool:
     probe = tmp_path / "probe"
     fd = os.open(probe, os.O_RDWR | os.O_CREAT)
     try:
-        os.posix_fallocate(fd, 0, MIB)
+        storage._fallocate(fd, MIB)
     except OSError:
         return False
     finally:
@@ -57,10 +58,10 @@ def test_a_longer_file_is_cut_and_a_shorter_one_grown_keeping_its_bytes(tmp_path
 
 
 def _fallocate_fails(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
-    def refuse(fd: int, offset: int, length: int) -> None:
+    def refuse(fd: int, size: int) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    monkeypatch.setattr(storage, "_fallocate", refuse)
 
 
 def test_a_filesystem_without_fallocate_gets_a_sparse_file(
@@ -87,3 +88,15 @@ def test_a_full_disk_is_reported_not_papered_over(
     finally:
         os.close(fd)
     assert err.value.errno == errno.ENOSPC
+
+
+def test_a_refusal_of_the_system_call_itself_is_raised_with_its_reason(tmp_path: Path) -> None:
+    path = tmp_path / "model"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)  # fallocate needs a descriptor open for writing
+    try:
+        with pytest.raises(OSError) as err:
+            allocate(fd, MIB)
+    finally:
+        os.close(fd)
+    assert err.value.errno == errno.EBADF and err.value.strerror
