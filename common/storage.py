@@ -81,12 +81,17 @@ def allocate(fd: int, size: int) -> None:
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.fallocate64
-    except (OSError, AttributeError):
-        return None  # not Linux with glibc or musl
+    except OSError:
+        return None
+    call = getattr(libc, "fallocate64", None)
+    if call is None and ctypes.sizeof(ctypes.c_void_p) == 8:
+        call = getattr(libc, "fallocate", None)  # a 64-bit offset already (musl)
+    if call is None:
+        return None  # not Linux
     call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     call.restype = ctypes.c_int
-    return call
+    found: Callable[[int, int, int, int], int] = call
+    return found
 
 
 _FALLOCATE = _load_fallocate()
@@ -96,6 +101,7 @@ def _fallocate(fd: int, size: int) -> None:
     """Linux's ``fallocate(fd, 0, 0, size)``: blocks allocated, the size grown to ``size``."""
     if _FALLOCATE is None:
         raise OSError(errno.ENOSYS, "fallocate is not available")
-    if _FALLOCATE(fd, 0, 0, size) != 0:
+    while _FALLOCATE(fd, 0, 0, size) != 0:
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+        if code != errno.EINTR:  # retried, as Python's own system calls are
+            raise OSError(code, os.strerror(code))
