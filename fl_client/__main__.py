@@ -1,5 +1,5 @@
 import sys
 
-from fl_client.cli import main
+from fl_client.site.cli import main
 
 sys.exit(main())

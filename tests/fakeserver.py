@@ -17,10 +17,10 @@ import numpy as np
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from common.http_client import Api, make_session
 from common.modelio import ModelWriter
 from common.tensorfile import Manifest
 from common.timeouts import Timeouts
-from fl_client.http import Api, make_session
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

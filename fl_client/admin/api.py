@@ -25,11 +25,11 @@ from pydantic import RootModel
 from common import wire
 from common.config import JobConfig
 from common.errors import ModelFormatError, ProtocolError, StorageError, TransferError
+from common.http_client import Api, raise_for_error, transport_error
 from common.modelio import read_layout
 from common.streams import body_pieces
 from common.timeouts import ProgressTimer, Stage
 from fl_client.admin.progress import TERMINAL
-from fl_client.http import Api, raise_for_error, transport_error
 
 BATCH_BYTES = 4 * 1024 * 1024
 POLL_S = 0.5

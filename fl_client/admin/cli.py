@@ -23,9 +23,9 @@ from rich.console import Console
 from common import humanize, wire
 from common.config import AdminConfig, JobConfig, load_config, load_yaml, parse_config
 from common.errors import ConfigError, FLError, TransferError
+from common.http_client import Api, make_session
 from fl_client.admin import api, render
 from fl_client.admin.progress import JobTracker
-from fl_client.http import Api, make_session
 
 PROG = "fl-admin"
 SERVER_URL_ENV = "FL_SERVER_URL"

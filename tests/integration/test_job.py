@@ -72,7 +72,7 @@ def test_model_spanning_many_segments_with_odd_tensor_sizes(cluster: Cluster) ->
 
 def test_poc_command_prints_ok() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "fl_client.poc"],
+        [sys.executable, "-m", "fl_client.admin.poc"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fl_client.poc import verify_models
+from fl_client.admin.poc import verify_models
 from tests.bench.memcg import MemCgroup
 from tests.cluster import Cluster
 from tests.rss import MIB, RssSampler

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.http_client import tls_failure
 from fl_client.admin.provision import Project, provision
-from fl_client.http import tls_failure
 from tests.cluster import (
     ApiError,
     Cluster,

@@ -33,11 +33,11 @@ from common.errors import (
     TransferError,
     from_wire,
 )
+from common.http_client import tls_failure
 from common.identity import Identity, Role, identity_from_peercert
 from common.tls import client_context, describe_handshake_failure, server_context
 from fl_client.admin.provision import Project, provision
 from fl_client.admin.provision.certs import Holder, issue, load_cert, load_key, new_key
-from fl_client.http import tls_failure
 from fl_server.auth import authorize, required_role
 from fl_server.handshake import plain_http_refusal
 from fl_server.limits import Slots

@@ -30,7 +30,7 @@ from common.modelio import fsync_dir, hash_file_segments
 from common.recycle import FilePool
 from common.storage import on_disk
 from common.tensorfile import Manifest
-from fl_client.trainer import TrainResult
+from fl_client.site.trainer import TrainResult
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class TaskFiles:
 
     @property
     def model_part(self) -> Path:
-        """The model while it downloads (named by ``fl_client.transfer``)."""
+        """The model while it downloads (named by ``fl_client.site.transfer``)."""
         return self.folder / "model.safetensors.part"
 
     @property

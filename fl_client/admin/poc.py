@@ -50,17 +50,17 @@ from common.config import (
     parse_config,
 )
 from common.errors import FLError
+from common.http_client import Api, make_session
 from common.modelio import ModelReader
 from common.tensorfile import element_window
 from fl_client.admin import api, render
 from fl_client.admin.progress import JobTracker
 from fl_client.admin.provision import Project, provision
-from fl_client.http import Api, make_session
 
 PROG = "fl-poc"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # package data, so that it is there however the project was installed
-DEFAULT_JOB = importlib.resources.files("fl_client") / "jobs" / "hello_numpy.yaml"
+DEFAULT_JOB = importlib.resources.files("fl_client.admin") / "jobs" / "hello_numpy.yaml"
 SITES = ("site-1", "site-2")
 ADMIN = "poc-admin"
 SEGMENT_MIB = 4

@@ -13,7 +13,7 @@ from aiohttp import web
 from common.config import TransferSettings
 from common.modelio import ModelWriter
 from common.recycle import FilePool
-from fl_client.transfer import Verified, download_model
+from fl_client.site.transfer import Verified, download_model
 from tests.fakeserver import file_ranges, make_model, serve
 
 

@@ -20,7 +20,7 @@ from common import sdnotify
 from common.config import ClientConfig
 from common.errors import ConfigError
 from common.metrics import serve_metrics
-from fl_client.daemon import ClientDaemon, install_stop_handlers
+from fl_client.site.daemon import ClientDaemon, install_stop_handlers
 
 log = logging.getLogger("fl_client")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.wire import Phase
-from fl_client.progress_log import ProgressReport
+from fl_client.site.progress_log import ProgressReport
 
 MIB = 1024 * 1024
 

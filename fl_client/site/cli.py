@@ -17,7 +17,7 @@ from common.tls import client_context
 
 
 async def _run(cfg: ClientConfig) -> None:
-    from fl_client.service import run_service
+    from fl_client.site.service import run_service
 
     await run_service(cfg)
 

@@ -1,7 +1,7 @@
 """The client daemon: heartbeat, pull a task, download, train, upload, commit, repeat.
 
 Each task has a folder in the workspace holding what is done so far (see
-``fl_client.taskdir``): the downloaded model, complete only once every segment
+``fl_client.site.taskdir``): the downloaded model, complete only once every segment
 verified, then the update and its record (``update.json``, written when training
 finished). A restarted daemon gets the same task from the server and continues from
 the first step not yet done, after checking the update against its record; the
@@ -10,7 +10,7 @@ when a new task starts: their rounds are over.
 
 A task that fails for a reason that may pass (a transfer, the disk, a busy server) is
 taken up again after a pause that grows with each failure of that task
-(``fl_client.retry``). Across those retries this process trusts what it verified or
+(``fl_client.site.retry``). Across those retries this process trusts what it verified or
 wrote itself (the download's segments, the update) rather than reading it back.
 """
 
@@ -35,16 +35,16 @@ from common.errors import (
     TransferError,
     UpdateRejected,
 )
+from common.http_client import Api, make_session
 from common.modelio import ModelReader, ModelWriter, same_head
 from common.recycle import FilePool
 from common.storage import is_disk_error, on_disk, storage_error
 from common.tensorfile import Manifest
 from common.wire import GET_TASK, HEARTBEAT, Heartbeat, Phase, Task, TaskReply
-from fl_client.http import Api, make_session
-from fl_client.metrics import ClientMetrics
-from fl_client.progress_log import ProgressLogger
-from fl_client.retry import FIRST_RETRY_S, TaskBackoff, jittered
-from fl_client.taskdir import (
+from fl_client.site.metrics import ClientMetrics
+from fl_client.site.progress_log import ProgressLogger
+from fl_client.site.retry import FIRST_RETRY_S, TaskBackoff, jittered
+from fl_client.site.taskdir import (
     SavedUpdate,
     TaskFiles,
     drop_folder,
@@ -53,8 +53,8 @@ from fl_client.taskdir import (
     make_dir,
     save_update,
 )
-from fl_client.trainer import TrainContext, Trainer, TrainerFailed, TrainResult, load_trainer
-from fl_client.transfer import (
+from fl_client.site.trainer import TrainContext, Trainer, TrainerFailed, TrainResult, load_trainer
+from fl_client.site.transfer import (
     Interrupted,
     Verified,
     commit_update,
@@ -62,7 +62,7 @@ from fl_client.transfer import (
     report_failure,
     upload_update,
 )
-from fl_client.unjoined import run_unjoined
+from fl_client.site.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client")
 POLL_WAIT_S = 15.0

@@ -38,6 +38,7 @@ from common.errors import (
     TooManyRequests,
     TransferError,
 )
+from common.http_client import Api, parse_reply, raise_for_error, read_bounded, transport_error
 from common.modelio import hash_file_segments
 from common.recycle import FilePool
 from common.storage import allocate, on_disk
@@ -57,9 +58,8 @@ from common.wire import (
     TaskFailure,
     UploadStatus,
 )
-from fl_client.http import Api, parse_reply, raise_for_error, read_bounded, transport_error
-from fl_client.metrics import ClientMetrics, Direction
-from fl_client.unjoined import run_unjoined
+from fl_client.site.metrics import ClientMetrics, Direction
+from fl_client.site.unjoined import run_unjoined
 
 log = logging.getLogger("fl_client.transfer")
 Progress = Callable[[int], None]

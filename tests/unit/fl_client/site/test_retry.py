@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from fl_client.retry import TaskBackoff, jittered
+from fl_client.site.retry import TaskBackoff, jittered
 
 
 def test_pause_doubles_with_each_failure_of_the_same_task_up_to_the_bound() -> None:

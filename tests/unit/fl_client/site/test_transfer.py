@@ -14,10 +14,10 @@ from aiohttp import web
 
 from common.config import MIB, TransferSettings
 from common.errors import IntegrityError, ProtocolError, StorageError
+from common.http_client import JSON_REPLY_MAX_BYTES
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
-from fl_client import transfer
-from fl_client.http import JSON_REPLY_MAX_BYTES
-from fl_client.transfer import ACK_MAX_BYTES, Verified, download_model, upload_update
+from fl_client.site import transfer
+from fl_client.site.transfer import ACK_MAX_BYTES, Verified, download_model, upload_update
 from tests.fakeserver import Handler, file_ranges, make_model, serve
 
 ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
