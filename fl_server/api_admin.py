@@ -20,7 +20,8 @@ from common.wire import (
     TaskState,
 )
 from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, WORKSPACE
-from fl_server.controller import RoundState, is_alive
+from fl_server.core.rules import is_alive
+from fl_server.core.transitions import RoundState
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.metrics import METRICS

@@ -52,7 +52,7 @@ from common.wire import (
 )
 from fl_server import verify
 from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, UPLOADS, WORKSPACE
-from fl_server.controller import task_write_refusal
+from fl_server.core.rules import task_write_refusal
 from fl_server.filesend import send_file
 from fl_server.http_util import caller_identity, json_reply, read_json
 from fl_server.metrics import METRICS

@@ -31,7 +31,8 @@ from common.config import ServerConfig
 from common.errors import FLError
 from common.metrics import METRICS_PATH, THROUGHPUT_BUCKETS_BPS, metrics_handler, new_registry
 from common.wire import JobState, Phase, TaskState
-from fl_server.controller import TERMINAL_JOB_STATES, RoundState, is_alive
+from fl_server.core.rules import is_alive
+from fl_server.core.transitions import TERMINAL_JOB_STATES, RoundState
 from fl_server.http_util import Handler
 from fl_server.state import StateDB
 

@@ -9,122 +9,73 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from common.errors import NotFound, StorageError
 from common.wire import JobState, Phase, TaskState
-from fl_server.controller import (
+from fl_server.core.rules import task_write_refusal
+from fl_server.core.transitions import (
+    JOBS,
+    ROUNDS,
+    TASKS,
+    JobEvent,
+    RoundEvent,
     RoundState,
-    check_job_transition,
-    job_predecessors,
-    task_write_refusal,
+    TaskEvent,
+    Transitions,
 )
+from fl_server.records import (
+    ROUND_COLUMNS,
+    SCHEMA,
+    ClientRow,
+    JobRow,
+    RoundRow,
+    TaskRow,
+    job_row,
+    round_row,
+    task_row,
+)
+
+__all__ = ["ClientRow", "JobRow", "RoundRow", "StateDB", "TaskRow"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY, name TEXT NOT NULL, config TEXT NOT NULL, state TEXT NOT NULL,
-    round_done INTEGER NOT NULL DEFAULT 0, reason TEXT, model_bytes INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-    job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL,
-    started_at REAL NOT NULL, closed_at REAL, folded INTEGER NOT NULL DEFAULT 0,
-    total_weight REAL NOT NULL DEFAULT 0, PRIMARY KEY (job_id, round));
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
-    client TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
-    last_progress REAL NOT NULL, phase TEXT NOT NULL DEFAULT 'idle',
-    bytes_done INTEGER NOT NULL DEFAULT 0, bytes_total INTEGER NOT NULL DEFAULT 0,
-    num_samples INTEGER, metrics TEXT, digest TEXT, folded INTEGER NOT NULL DEFAULT 0,
-    reason TEXT, UNIQUE (job_id, round, client));
-CREATE TABLE IF NOT EXISTS segments (
-    task_id TEXT NOT NULL, idx INTEGER NOT NULL, digest TEXT NOT NULL,
-    PRIMARY KEY (task_id, idx));
-CREATE TABLE IF NOT EXISTS clients (
-    name TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    phase TEXT NOT NULL DEFAULT 'idle', task_id TEXT);
-"""
+S = TypeVar("S", bound=enum.Enum)
+E = TypeVar("E", bound=enum.Enum)
 
 
-@dataclass(frozen=True)
-class JobRow:
-    job_id: str
-    name: str
-    config: str
-    state: JobState
-    round_done: int
-    reason: str | None
-    model_bytes: int
-    created_at: float
-    updated_at: float
+def _in(states: tuple[enum.Enum, ...]) -> tuple[str, tuple[str, ...]]:
+    """``IN (?, ...)`` and its values: the states a table lets take an event."""
+    return f"IN ({', '.join('?' * len(states))})", tuple(s.value for s in states)
 
 
-@dataclass(frozen=True)
-class RoundRow:
-    job_id: str
-    round: int
-    state: RoundState
-    started_at: float
-    closed_at: float | None
-    folded: int
-    total_weight: float
-
-
-@dataclass(frozen=True)
-class TaskRow:
-    task_id: str
-    job_id: str
-    round: int
-    client: str
-    state: TaskState
-    created_at: float
-    last_progress: float
-    phase: Phase
-    bytes_done: int
-    bytes_total: int
-    num_samples: int | None
-    metrics: str | None
-    digest: str | None
-    folded: bool
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class ClientRow:
-    name: str
-    first_seen: float
-    last_seen: float
-    phase: Phase
-    task_id: str | None
-
-
-def _job(r: sqlite3.Row) -> JobRow:
-    d = dict(r)
-    d["state"] = JobState(d["state"])
-    return JobRow(**d)
-
-
-def _round(r: sqlite3.Row) -> RoundRow:
-    d = dict(r)
-    d["state"] = RoundState(d["state"])
-    return RoundRow(**d)
-
-
-def _task(r: sqlite3.Row) -> TaskRow:
-    d = dict(r)
-    d["state"] = TaskState(d["state"])
-    d["phase"] = Phase(d["phase"])
-    d["folded"] = bool(d["folded"])
-    return TaskRow(**d)
+def _check_moved(
+    cur: sqlite3.Cursor,
+    c: sqlite3.Connection,
+    table: Transitions[S, E],
+    sql: str,
+    key: tuple[Any, ...],
+    subject: str,
+    event: E,
+    state_type: Callable[[str], S],
+    missing: Callable[[], Exception],
+) -> None:
+    """After a compare-and-set update: if it matched no row, raise why (the subject is
+    gone, or its state does not take ``event``: ``IllegalTransition``)."""
+    if cur.rowcount:
+        return
+    row = c.execute(sql, key).fetchone()
+    if row is None:
+        raise missing()
+    table.next(subject, state_type(row["state"]), event)
+    raise AssertionError(f"{subject}: UPDATE matched no row")  # unreachable
 
 
 def _no_job(job_id: str) -> NotFound:
@@ -200,27 +151,32 @@ class StateDB:
         row = self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
         if row is None:
             raise _no_job(job_id)
-        return _job(row)
+        return job_row(row)
 
     def list_jobs(self) -> list[JobRow]:
-        return [_job(r) for r in self._all("SELECT * FROM jobs ORDER BY created_at")]
+        return [job_row(r) for r in self._all("SELECT * FROM jobs ORDER BY created_at")]
 
-    def set_job_state(self, job_id: str, state: JobState, reason: str | None, now: float) -> None:
-        """Move the job to ``state`` if ``JOB_TRANSITIONS`` allows it from where it is now,
-        checked and written in one transaction; else ``Conflict`` naming its actual state."""
-        before = sorted(s.value for s in job_predecessors(state))
+    def set_job_state(self, job_id: str, event: JobEvent, reason: str | None, now: float) -> None:
+        """Move the job by ``event`` if ``JOBS`` allows it from where it is now, checked
+        and written in one transaction; else ``IllegalTransition`` naming its state."""
+        where, before = _in(JOBS.sources(event))
         with self._tx() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = ?, reason = COALESCE(?, reason), updated_at = ? "
-                f"WHERE job_id = ? AND state IN ({', '.join('?' * len(before))})",
-                (state.value, reason, now, job_id, *before),
+                f"WHERE job_id = ? AND state {where}",
+                (JOBS.target(event).value, reason, now, job_id, *before),
             )
-            if cur.rowcount == 0:
-                row = c.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-                if row is None:
-                    raise _no_job(job_id)
-                check_job_transition(job_id, JobState(row["state"]), state)
-                raise AssertionError(f"job {job_id}: UPDATE matched no row")  # unreachable
+            _check_moved(
+                cur,
+                c,
+                JOBS,
+                "SELECT state FROM jobs WHERE job_id = ?",
+                (job_id,),
+                job_id,
+                event,
+                JobState,
+                lambda: _no_job(job_id),
+            )
 
     def set_model_bytes(self, job_id: str, nbytes: int) -> None:
         with self._tx() as c:
@@ -236,45 +192,54 @@ class StateDB:
             )
 
     def get_round(self, job_id: str, rnd: int) -> RoundRow | None:
-        row = self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, rnd)
-        return None if row is None else _round(row)
+        row = self._one(
+            f"SELECT {ROUND_COLUMNS} FROM rounds WHERE job_id = ? AND round = ?", job_id, rnd
+        )
+        return None if row is None else round_row(row)
 
     def list_rounds(self, job_id: str) -> list[RoundRow]:
-        rows = self._all("SELECT * FROM rounds WHERE job_id = ? ORDER BY round", job_id)
-        return [_round(r) for r in rows]
+        rows = self._all(
+            f"SELECT {ROUND_COLUMNS} FROM rounds WHERE job_id = ? ORDER BY round", job_id
+        )
+        return [round_row(r) for r in rows]
 
-    def begin_closing(self, job_id: str, rnd: int) -> None:
-        """Stop the round taking tasks, commits and rejections while its aggregate is made.
+    def _move_round(
+        self, c: sqlite3.Connection, job_id: str, rnd: int, event: RoundEvent, now: float
+    ) -> None:
+        where, before = _in(ROUNDS.sources(event))
+        new = ROUNDS.target(event)
+        cur = c.execute(
+            "UPDATE rounds SET state = ?, closed_at = CASE WHEN ? THEN ? ELSE closed_at END "
+            f"WHERE job_id = ? AND round = ? AND state {where}",
+            (new.value, new is RoundState.CLOSED, now, job_id, rnd, *before),
+        )
+        _check_moved(
+            cur,
+            c,
+            ROUNDS,
+            "SELECT state FROM rounds WHERE job_id = ? AND round = ?",
+            (job_id, rnd),
+            f"{rnd} of job {job_id}",
+            event,
+            RoundState,
+            lambda: NotFound(f"job {job_id} has no round {rnd}", field="round"),
+        )
 
-        Idempotent: a round found closing after a restart stays closing.
-        """
+    def begin_closing(self, job_id: str, rnd: int, now: float) -> None:
+        """Stop the round taking tasks, commits and rejections while its aggregate is made."""
         with self._tx() as c:
-            c.execute(
-                "UPDATE rounds SET state = ? WHERE job_id = ? AND round = ? AND state = ?",
-                (RoundState.CLOSING.value, job_id, rnd, RoundState.OPEN.value),
-            )
+            self._move_round(c, job_id, rnd, RoundEvent.BEGIN_CLOSING, now)
 
-    def close_round(self, job_id: str, rnd: int, expire: list[str], now: float) -> None:
-        """Close the round and advance the job in one transaction: never redone."""
+    def close_round(self, job_id: str, rnd: int, now: float) -> None:
+        """Close the round, expire its tasks still assigned (issued after the decision to
+        close) and advance the job, in one transaction: never redone."""
+        where, before = _in(TASKS.sources(TaskEvent.EXPIRE))
         with self._tx() as c:
-            for task_id in expire:
-                c.execute(
-                    "UPDATE tasks SET state = ?, reason = ? WHERE task_id = ? AND state = ?",
-                    (
-                        TaskState.EXPIRED.value,
-                        "no result within train_timeout",
-                        task_id,
-                        TaskState.ASSIGNED.value,
-                    ),
-                )
+            self._move_round(c, job_id, rnd, RoundEvent.CLOSE, now)
             c.execute(
                 "UPDATE tasks SET state = ?, reason = COALESCE(reason, 'round closed') "
-                "WHERE job_id = ? AND round = ? AND state = ?",
-                (TaskState.EXPIRED.value, job_id, rnd, TaskState.ASSIGNED.value),
-            )
-            c.execute(
-                "UPDATE rounds SET state = ?, closed_at = ? WHERE job_id = ? AND round = ?",
-                (RoundState.CLOSED.value, now, job_id, rnd),
+                f"WHERE job_id = ? AND round = ? AND state {where}",
+                (TASKS.target(TaskEvent.EXPIRE).value, job_id, rnd, *before),
             )
             c.execute(
                 "UPDATE jobs SET round_done = ?, updated_at = ? WHERE job_id = ?",
@@ -282,11 +247,14 @@ class StateDB:
             )
 
     def expire_tasks(self, task_ids: list[str], reason: str) -> None:
+        """Expire those of the tasks still assigned: one the site committed or failed
+        meanwhile keeps what it became."""
+        where, before = _in(TASKS.sources(TaskEvent.EXPIRE))
         with self._tx() as c:
             for task_id in task_ids:
                 c.execute(
-                    "UPDATE tasks SET state = ?, reason = ? WHERE task_id = ? AND state = ?",
-                    (TaskState.EXPIRED.value, reason, task_id, TaskState.ASSIGNED.value),
+                    f"UPDATE tasks SET state = ?, reason = ? WHERE task_id = ? AND state {where}",
+                    (TASKS.target(TaskEvent.EXPIRE).value, reason, task_id, *before),
                 )
 
     # tasks
@@ -318,17 +286,17 @@ class StateDB:
         row = self._one("SELECT * FROM tasks WHERE task_id = ?", task_id)
         if row is None:
             raise _no_task(task_id)
-        return _task(row)
+        return task_row(row)
 
     def round_tasks(self, job_id: str, rnd: int) -> list[TaskRow]:
         rows = self._all(
             "SELECT * FROM tasks WHERE job_id = ? AND round = ? ORDER BY created_at", job_id, rnd
         )
-        return [_task(r) for r in rows]
+        return [task_row(r) for r in rows]
 
     def job_tasks(self, job_id: str) -> list[TaskRow]:
         rows = self._all("SELECT * FROM tasks WHERE job_id = ? ORDER BY round, created_at", job_id)
-        return [_task(r) for r in rows]
+        return [task_row(r) for r in rows]
 
     def assigned_tasks_of(self, client: str) -> list[TaskRow]:
         rows = self._all(
@@ -336,7 +304,7 @@ class StateDB:
             client,
             TaskState.ASSIGNED.value,
         )
-        return [_task(r) for r in rows]
+        return [task_row(r) for r in rows]
 
     def touch_task(
         self, task_id: str, now: float, phase: Phase | None, done: int | None, total: int | None
@@ -383,14 +351,32 @@ class StateDB:
         if refusal is not None:
             raise refusal
 
+    def _check_task_moved(
+        self, cur: sqlite3.Cursor, c: sqlite3.Connection, task_id: str, event: TaskEvent
+    ) -> None:
+        _check_moved(
+            cur,
+            c,
+            TASKS,
+            "SELECT state FROM tasks WHERE task_id = ?",
+            (task_id,),
+            task_id,
+            event,
+            TaskState,
+            lambda: _no_task(task_id),
+        )
+
     def reject_task(self, task_id: str, reason: str, now: float) -> None:
         """Reject an open task (the site cannot deliver); else the refusal is raised."""
         with self._tx() as c:
             self._check_writable(c, task_id)
-            c.execute(
-                "UPDATE tasks SET state = ?, reason = ?, last_progress = ? WHERE task_id = ?",
-                (TaskState.REJECTED.value, reason, now, task_id),
+            where, before = _in(TASKS.sources(TaskEvent.REJECT))
+            cur = c.execute(
+                "UPDATE tasks SET state = ?, reason = ?, last_progress = ? "
+                f"WHERE task_id = ? AND state {where}",
+                (TASKS.target(TaskEvent.REJECT).value, reason, now, task_id, *before),
             )
+            self._check_task_moved(cur, c, task_id, TaskEvent.REJECT)
             c.execute("DELETE FROM segments WHERE task_id = ?", (task_id,))
 
     def commit_task(
@@ -399,29 +385,28 @@ class StateDB:
         """Commit an open task's update; else the refusal is raised and nothing changes."""
         with self._tx() as c:
             self._check_writable(c, task_id)
-            c.execute(
+            where, before = _in(TASKS.sources(TaskEvent.COMMIT))
+            cur = c.execute(
                 "UPDATE tasks SET state = ?, num_samples = ?, metrics = ?, digest = ?, "
-                "phase = ?, last_progress = ?, reason = NULL WHERE task_id = ?",
+                f"phase = ?, last_progress = ?, reason = NULL WHERE task_id = ? AND state {where}",
                 (
-                    TaskState.COMMITTED.value,
+                    TASKS.target(TaskEvent.COMMIT).value,
                     num_samples,
                     json.dumps(metrics),
                     digest,
                     Phase.DONE.value,
                     now,
                     task_id,
+                    *before,
                 ),
             )
+            self._check_task_moved(cur, c, task_id, TaskEvent.COMMIT)
 
-    def mark_folded(self, task_id: str, job_id: str, rnd: int, folded: int, weight: float) -> None:
-        """Record one fold: the task, the round's fold count and weight, in one transaction."""
+    def mark_folded(self, task_id: str) -> None:
+        """Record that the task's update is in the round's running sum (its spool may be
+        gone: the sum replaces it), and forget its segments."""
         with self._tx() as c:
             c.execute("UPDATE tasks SET folded = 1 WHERE task_id = ?", (task_id,))
-            c.execute(
-                "UPDATE rounds SET folded = ?, total_weight = total_weight + ? "
-                "WHERE job_id = ? AND round = ?",
-                (folded, weight, job_id, rnd),
-            )
             c.execute("DELETE FROM segments WHERE task_id = ?", (task_id,))
 
     # upload segments

@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import Conflict, NotFound, StorageError, TaskExpired
 from common.wire import JobState, Phase, TaskState
-from fl_server.controller import RoundState
+from fl_server.core.transitions import IllegalTransition, JobEvent, RoundState
 from fl_server.state import StateDB
 
 NOW = 1000.0
@@ -36,11 +36,11 @@ def test_a_failed_commit_is_a_storage_error_and_leaves_no_transaction_open(
     db.insert_job("j1", "job", "{}", NOW)
     db._conn.set_authorizer(_deny_commit)  # COMMIT fails as a full disk would make it
     with pytest.raises(StorageError, match=r"state database .*state\.db: not authorized"):
-        db.set_job_state("j1", JobState.RUNNING, None, NOW + 1)
+        db.set_job_state("j1", JobEvent.START, None, NOW + 1)
     db._conn.set_authorizer(None)
     # the failed transaction was rolled back, and the next one goes through
     assert db.get_job("j1").state is JobState.PENDING
-    db.set_job_state("j1", JobState.RUNNING, None, NOW + 2)
+    db.set_job_state("j1", JobEvent.START, None, NOW + 2)
     assert db.get_job("j1").state is JobState.RUNNING
     assert StateDB(tmp_path / "state.db").get_job("j1").state is JobState.RUNNING
 
@@ -57,7 +57,7 @@ def test_an_unreadable_database_is_a_storage_error_naming_it(tmp_path: Path) -> 
 
 def _running_round(db: StateDB, *clients: str) -> list[str]:
     db.insert_job("j1", "job", "{}", NOW)
-    db.set_job_state("j1", JobState.RUNNING, None, NOW)
+    db.set_job_state("j1", JobEvent.START, None, NOW)
     db.open_round("j1", 1, NOW)
     ids = [f"t-{c}" for c in clients]
     for task_id, client in zip(ids, clients, strict=True):
@@ -83,7 +83,7 @@ def test_an_expired_task_is_never_committed(db: StateDB) -> None:
 
 def test_a_closing_round_takes_no_task_commit_rejection_or_segment(db: StateDB) -> None:
     a, b = _running_round(db, "a", "b")
-    db.begin_closing("j1", 1)
+    db.begin_closing("j1", 1, NOW + 1)
     assert db.get_round("j1", 1).state is RoundState.CLOSING  # type: ignore[union-attr]
     assert not db.create_task("t-c", "j1", 1, "c", NOW)
     with pytest.raises(NotFound):
@@ -97,8 +97,11 @@ def test_a_closing_round_takes_no_task_commit_rejection_or_segment(db: StateDB) 
     with pytest.raises(TaskExpired):
         db.open_task_segments(a)
     assert [t.state for t in db.round_tasks("j1", 1)] == [TaskState.ASSIGNED] * 2
-    db.begin_closing("j1", 1)  # again, as after a restart: still closing
-    db.close_round("j1", 1, [], NOW + 2)
+    with pytest.raises(IllegalTransition, match="round 1 of job j1 is closing and cannot begin"):
+        db.begin_closing("j1", 1, NOW + 2)
+    db.close_round("j1", 1, NOW + 2)
+    with pytest.raises(IllegalTransition, match="round 1 of job j1 is closed and cannot close"):
+        db.close_round("j1", 1, NOW + 3)
     assert db.get_round("j1", 1).state is RoundState.CLOSED  # type: ignore[union-attr]
     assert [t.state for t in db.round_tasks("j1", 1)] == [TaskState.EXPIRED] * 2
     assert db.get_job("j1").round_done == 1
@@ -106,7 +109,7 @@ def test_a_closing_round_takes_no_task_commit_rejection_or_segment(db: StateDB) 
 
 def test_tasks_of_an_aborted_job_take_no_writes(db: StateDB) -> None:
     (t,) = _running_round(db, "a")
-    db.set_job_state("j1", JobState.ABORTED, "aborted by admin", NOW + 1)
+    db.set_job_state("j1", JobEvent.ABORT, "aborted by admin", NOW + 1)
     with pytest.raises(TaskExpired):
         db.commit_task(t, 1, {}, "digest", NOW + 2)
     assert not db.create_task("t-b", "j1", 1, "b", NOW + 2)
@@ -128,27 +131,27 @@ def test_a_committed_or_rejected_task_stays_so(db: StateDB) -> None:
 @pytest.mark.parametrize(
     ("path", "refused", "actual"),
     [
-        ([JobState.ABORTED], JobState.RUNNING, "aborted"),
-        ([JobState.RUNNING, JobState.FINISHED], JobState.ABORTED, "finished"),
-        ([JobState.RUNNING, JobState.ABORTED], JobState.FAILED, "aborted"),
-        ([JobState.RUNNING], JobState.RUNNING, "running"),
+        ([JobEvent.ABORT], JobEvent.START, "aborted"),
+        ([JobEvent.START, JobEvent.FINISH], JobEvent.ABORT, "finished"),
+        ([JobEvent.START, JobEvent.ABORT], JobEvent.FAIL, "aborted"),
+        ([JobEvent.START], JobEvent.START, "running"),
     ],
 )
 def test_a_job_moves_only_along_its_transitions(
-    db: StateDB, path: list[JobState], refused: JobState, actual: str
+    db: StateDB, path: list[JobEvent], refused: JobEvent, actual: str
 ) -> None:
     db.insert_job("j1", "job", "{}", NOW)
-    for state in path:
-        db.set_job_state("j1", state, f"to {state.value}", NOW)
-    with pytest.raises(Conflict, match=f"job j1 is {actual} and cannot become {refused.value}"):
+    for event in path:
+        db.set_job_state("j1", event, f"by {event.value}", NOW)
+    with pytest.raises(IllegalTransition, match=f"job j1 is {actual} and cannot {refused.value}"):
         db.set_job_state("j1", refused, "lost the race", NOW + 1)
     job = db.get_job("j1")
-    assert job.state is path[-1] and job.reason == f"to {path[-1].value}"
+    assert job.state.value == actual and job.reason == f"by {path[-1].value}"
 
 
 def test_an_unknown_job_is_not_found(db: StateDB) -> None:
     with pytest.raises(NotFound, match="no job with id 'nope'"):
-        db.set_job_state("nope", JobState.ABORTED, None, NOW)
+        db.set_job_state("nope", JobEvent.ABORT, None, NOW)
 
 
 def test_progress_never_goes_back_within_a_phase(db: StateDB) -> None:

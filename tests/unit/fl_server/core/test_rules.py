@@ -1,21 +1,17 @@
-"""The scatter-and-gather decisions and state tables, with plain values: no server."""
+"""The scatter-and-gather rules, with plain values: no server."""
 
 from __future__ import annotations
 
 import pytest
 
-from common.errors import Conflict
-from common.wire import JobState, TaskState
-from fl_server.controller import (
-    JOB_TRANSITIONS,
-    TERMINAL_JOB_STATES,
+from common.wire import TaskState
+from fl_server.core.rules import (
     Action,
     Decision,
     TaskView,
-    check_job_transition,
-    check_task_transition,
     count_joinable,
     decide_round,
+    decide_start,
     may_take_part,
 )
 
@@ -45,9 +41,9 @@ def test_round_waits_while_a_task_makes_progress() -> None:
 
 
 def test_round_closes_when_all_answered_and_quorum_met() -> None:
-    assert decide([t("a", C), t("b", C)]).action is Action.CLOSE
+    assert decide([t("a", C), t("b", C)]).action is Action.GO
     d = decide([t("a", C), t("b", C), t("c", R)])
-    assert d.action is Action.CLOSE and d.expire == ()
+    assert d.action is Action.GO and d.expire == ()
 
 
 def test_train_timeout_is_measured_from_the_last_progress_not_from_the_start() -> None:
@@ -60,7 +56,7 @@ def test_train_timeout_is_measured_from_the_last_progress_not_from_the_start() -
 
 def test_stalled_task_expires_and_round_closes_with_the_others() -> None:
     d = decide([t("a", C), t("b", C), t("c", A, 50)])
-    assert d.action is Action.CLOSE and d.expire == ("t-c",)
+    assert d.action is Action.GO and d.expire == ("t-c",)
 
 
 def test_stalled_task_below_quorum_fails_naming_the_missing_client() -> None:
@@ -96,21 +92,39 @@ def test_one_task_per_client_per_round_and_only_admitted_clients() -> None:
     assert count_joinable(["a", "b", "c"], ["a", "b"], tasks) == 1
 
 
-def test_job_transition_table() -> None:
-    for state in TERMINAL_JOB_STATES:
-        with pytest.raises(Conflict, match=f"is {state.value} and cannot become"):
-            check_job_transition("j1", state, JobState.RUNNING)
-    check_job_transition("j1", JobState.PENDING, JobState.RUNNING)
-    check_job_transition("j1", JobState.RUNNING, JobState.FINISHED)
-    with pytest.raises(Conflict):
-        check_job_transition("j1", JobState.PENDING, JobState.FINISHED)
-    assert {JobState.FINISHED, JobState.FAILED, JobState.ABORTED} == TERMINAL_JOB_STATES
-    assert set(JOB_TRANSITIONS) == set(JobState)
+@pytest.mark.parametrize(
+    ("connected", "waited_s", "limit_s", "action"),
+    [
+        (2, 0.0, None, Action.GO),
+        (3, 99.0, 10.0, Action.GO),
+        (1, 5.0, 10.0, Action.WAIT),
+        (1, 1e6, None, Action.WAIT),  # no limit: wait for as long as it takes
+        (1, 10.5, 10.0, Action.FAIL),
+    ],
+)
+def test_a_round_opens_once_min_clients_sites_are_connected(
+    connected: int, waited_s: float, limit_s: float | None, action: Action
+) -> None:
+    d = decide_start(
+        connected=connected, min_clients=2, waited_s=waited_s, wait_for_clients_s=limit_s
+    )
+    assert d.action is action
+    if action is Action.FAIL:
+        assert d.reason == (
+            "only 1 of min_clients=2 sites connected within wait_for_clients_s=10 s"
+        )
 
 
-def test_task_transition_table() -> None:
-    for new in (C, R, E):
-        check_task_transition("t1", A, new)
-    for old in (C, R, E):
-        with pytest.raises(Conflict, match=f"task t1 is {old.value}"):
-            check_task_transition("t1", old, A)
+def test_an_open_round_without_enough_sites_fails_after_wait_for_clients_s() -> None:
+    tasks = [t("a", C)]
+    kw = {"min_clients": 2, "train_timeout": 10.0, "opened_at": 0.0, "wait_for_clients_s": 30.0}
+    waiting = decide_round(tasks, now=20.0, **kw)  # type: ignore[arg-type]
+    assert waiting.action is Action.WAIT and waiting.wake_at == 30.0
+    failed = decide_round(tasks, now=31.0, **kw)  # type: ignore[arg-type]
+    assert failed.action is Action.FAIL
+    assert failed.reason == (
+        "only 1 of min_clients=2 clients took part within wait_for_clients_s=30 s"
+    )
+    # a task still in flight holds the round open, however long it has been
+    busy = decide_round([*tasks, t("b", A, last=25.0)], now=31.0, **kw)  # type: ignore[arg-type]
+    assert busy.action is Action.WAIT
