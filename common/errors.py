@@ -7,7 +7,8 @@
     │   ├── Forbidden            the caller may not do this (403)
     │   ├── Conflict             the request clashes with current state (409)
     │   │   ├── TaskExpired      the task's round has closed (410)
-    │   │   └── SegmentBusy      the same segment is being received already (409)
+    │   │   ├── SegmentBusy      the same segment is being received already (409)
+    │   │   └── IllegalTransition  a job, round or task cannot take this event now (409)
     │   ├── UpdateRejected       an update failed verification (422)
     │   ├── SegmentTooLong       a segment's body is longer than the segment (413)
     │   ├── RangeNotSatisfiable  a Range header the model route cannot answer (416)
@@ -21,8 +22,7 @@
     │   ├── SegmentTruncated     a segment's body ended early (400)
     │   └── ResumeMismatch       the two sides disagree on what was already moved
     ├── ProtocolError            the peer answered something the protocol does not allow
-    ├── ModelFormatError         a model file is not valid safetensors / not as declared
-    └── JobError                 a job cannot go on (quorum lost, aborted, ...)
+    └── ModelFormatError         a model file is not valid safetensors / not as declared
 
 Every error carries a machine code, an HTTP status and, where it applies, the field it
 is about. On the wire an error is ``{"code", "message", "field"}``; ``from_wire`` turns
@@ -89,6 +89,13 @@ class SegmentBusy(Conflict):
     http_status = 409
 
 
+class IllegalTransition(Conflict):
+    """A job, round or task asked to take an event its state does not allow (see
+    ``fl_server.core.transitions``)."""
+
+    code = "illegal_transition"
+
+
 class UpdateRejected(RequestError):
     code = "update_rejected"
     http_status = 422
@@ -146,11 +153,6 @@ class ProtocolError(FLError):
 class ModelFormatError(FLError):
     code = "model_format"
     http_status = 422
-
-
-class JobError(FLError):
-    code = "job_failed"
-    http_status = 409
 
 
 class SegmentTooLong(RequestError):

@@ -67,7 +67,6 @@ class Stage(enum.Enum):
     SENDING = "sending"
     WAITING = "waiting for the first byte of the answer"
     RECEIVING = "receiving"
-    HANDING_OVER = "handing a received chunk to the disk writer"
 
 
 class _Keep(enum.Enum):

@@ -45,8 +45,8 @@ class _Wire(BaseModel):
 
 
 class JobState(enum.StrEnum):
-    PENDING = "pending"  # waiting for min_clients / preparing the initial model
-    RUNNING = "running"
+    PENDING = "pending"  # its initial model is being prepared; no round has opened
+    RUNNING = "running"  # rounds run (a round may wait for min_clients sites)
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"
@@ -54,7 +54,7 @@ class JobState(enum.StrEnum):
 
 class TaskState(enum.StrEnum):
     ASSIGNED = "assigned"  # issued, result not yet committed
-    COMMITTED = "committed"  # update verified and folded into the round's aggregate
+    COMMITTED = "committed"  # update verified and durable; it counts in the aggregate
     REJECTED = "rejected"  # update failed verification; the round goes on without it
     EXPIRED = "expired"  # the round closed without this task's result
 

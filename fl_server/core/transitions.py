@@ -3,8 +3,8 @@
 Every state change in the server goes through one of these tables. The database writes
 them as compare-and-set updates (``UPDATE ... WHERE state IN table.sources(event)``),
 which keeps concurrent requests safe; when such an update matches nothing, the table
-names what went wrong (``IllegalTransition``: the state the subject is in and the event
-it cannot take). The round core checks its own round state against the same table.
+names what went wrong (``common.errors.IllegalTransition``: the state the subject is in
+and the event it cannot take). The round core checks its own round state against the same table.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import enum
 from collections.abc import Mapping
 from typing import Generic, TypeVar
 
-from common.errors import Conflict
+from common.errors import IllegalTransition
 from common.wire import JobState, TaskState
 
 
@@ -43,11 +43,6 @@ class TaskEvent(enum.StrEnum):
     COMMIT = "commit"
     REJECT = "reject"
     EXPIRE = "expire"
-
-
-class IllegalTransition(Conflict):
-    """A subject asked to take an event its state does not allow (on the wire: a
-    ``conflict``, which is what a site or admin should make of it)."""
 
 
 S = TypeVar("S", bound=enum.Enum)

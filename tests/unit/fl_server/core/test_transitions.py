@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import Conflict
+from common.errors import Conflict, IllegalTransition
 from common.wire import JobState, TaskState
 from fl_server.core.transitions import (
     JOBS,
     ROUNDS,
     TASKS,
     TERMINAL_JOB_STATES,
-    IllegalTransition,
     JobEvent,
     RoundEvent,
     RoundState,
