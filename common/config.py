@@ -34,6 +34,8 @@ MIB = 1024 * 1024
 CONFIG_DIR = "config_dir"  # validation context: the directory of the file being loaded
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
+# a trainer plugin: ``factory`` in the importable module ``package.module``
+PluginName = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
 class _Frozen(BaseModel):
@@ -208,6 +210,20 @@ class ServerConfig(_Frozen):
         ),
     )
     limits: ServerLimits = ServerLimits()
+    model_dirs: list[Path] | None = Field(
+        None,
+        description=(
+            "Directories a job's `model: {kind: file, path: ...}` may read from; a path "
+            "anywhere else (symbolic links resolved) is refused at submit. null: only "
+            "`models/` in the workspace."
+        ),
+    )
+
+    @property
+    def allowed_model_dirs(self) -> tuple[Path, ...]:
+        if self.model_dirs is None:
+            return (self.workspace / "models",)
+        return tuple(self.model_dirs)
 
     @model_validator(mode="after")
     def _insecure_only_on_loopback(self) -> ServerConfig:
@@ -284,6 +300,14 @@ class ClientConfig(_Frozen):
         description=(
             "Mutual TLS (see `tls:` below), required with an https:// server_url: this "
             "site's certificate, which is also its identity on the server."
+        ),
+    )
+    allowed_trainers: list[PluginName] = Field(
+        default_factory=list,
+        description=(
+            "Trainer plugins (`package.module:factory`) this site runs when a job names "
+            "them; the built-in `add_epsilon` always runs. A task naming any other trainer "
+            "is refused before anything is imported, and the reason reaches the admin."
         ),
     )
 

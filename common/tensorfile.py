@@ -156,7 +156,11 @@ def header_length(prefix: bytes) -> int:
         raise ModelFormatError("file is shorter than the 8-byte safetensors header length")
     (n,) = struct.unpack("<Q", prefix[:HEADER_LEN_BYTES])
     if n > MAX_HEADER_BYTES:
-        raise ModelFormatError(f"header length {n} exceeds the {MAX_HEADER_BYTES} byte limit")
+        # the number is not shown: read from any file, it would echo that file's bytes
+        raise ModelFormatError(
+            "the first 8 bytes do not hold a safetensors header length: the length they "
+            f"give exceeds the {MAX_HEADER_BYTES} byte limit"
+        )
     return int(n)
 
 

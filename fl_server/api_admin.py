@@ -25,6 +25,7 @@ from fl_server.core.transitions import RoundState
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.metrics import METRICS
+from fl_server.modelgen import model_source
 from fl_server.state import JobRow
 
 
@@ -45,10 +46,12 @@ def _job_info(job: JobRow, num_rounds: int) -> JobInfo:
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, SubmitJob)
     model = body.config.model
-    if isinstance(model, FileModel) and not await asyncio.to_thread(model.path.is_file):
-        raise ConfigError(
-            f"model.path: {model.path} is not a file on the server", field="model.path"
-        )
+    if isinstance(model, FileModel):
+        source = model_source(model, request.app[CONFIG].allowed_model_dirs)
+        if not await asyncio.to_thread(source.is_file):
+            raise ConfigError(
+                f"model.path: {model.path} is not a file on the server", field="model.path"
+            )
     job_id = await request.app[RUNNER].submit(body.config)
     return json_reply(JobSubmitted(job_id=job_id), status=201)
 

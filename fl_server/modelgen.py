@@ -1,17 +1,23 @@
-"""The initial model of a job: generated chunk by chunk, or taken from a file (blocking)."""
+"""The initial model of a job: generated chunk by chunk, or taken from a file (blocking).
+
+A file is taken only from the directories the server's config names in ``model_dirs``
+(symbolic links resolved): a job's submitter must not be able to have any file the
+server can read sent to the sites.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from common.config import MIB, FileModel, GeneratedModel
 from common.digest import SegmentHasher, whole_digest
-from common.errors import ModelFormatError
+from common.errors import Forbidden, ModelFormatError
 from common.modelio import ModelWriter, fsync_dir, read_layout
 from common.tensorfile import Manifest, st_dtype
 from fl_server.threads import check_stop
@@ -55,16 +61,36 @@ def generate(
         return writer.finish()
 
 
+def model_source(spec: FileModel, model_dirs: Sequence[Path]) -> Path:
+    """The real path of the job's model file, if it lies under one of ``model_dirs``; a
+    relative path is taken from the first. ``Forbidden`` naming the field otherwise."""
+    given = spec.path if spec.path.is_absolute() or not model_dirs else model_dirs[0] / spec.path
+    real = Path(os.path.realpath(given))
+    if any(real.is_relative_to(os.path.realpath(d)) for d in model_dirs):
+        return real
+    raise Forbidden(
+        f"model.path: {spec.path} is not under the server's model_dirs "
+        f"({', '.join(str(d) for d in model_dirs)}); copy the model there, or add its "
+        "directory to model_dirs in the server's config",
+        field="model.path",
+    )
+
+
 def from_file(
-    spec: FileModel, path: Path, segment_bytes: int, stop: threading.Event | None = None
+    spec: FileModel,
+    path: Path,
+    segment_bytes: int,
+    stop: threading.Event | None = None,
+    model_dirs: Sequence[Path] = (),
 ) -> Manifest:
     """Copy the user's file in chunks, hashing its segments on the way (one read)."""
-    layout = read_layout(spec.path)  # fail early, with the format error, before copying
+    source = model_source(spec, model_dirs)
+    layout = read_layout(source)  # fail early, with the format error, before copying
     tmp = path.with_name(path.name + ".part")
     hasher = SegmentHasher(segment_bytes)
     buf = bytearray(COPY_CHUNK_BYTES)
     try:
-        with open(spec.path, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
+        with open(source, "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
             while got := src.readinto(buf):
                 check_stop(stop)
                 view = memoryview(buf)[:got]
@@ -96,10 +122,12 @@ def prepare_initial(
     path: Path,
     segment_bytes: int,
     stop: threading.Event | None = None,
+    model_dirs: Sequence[Path] = (),
 ) -> Manifest:
     """Write the job's initial model at ``path``; ``stop`` (checked once per chunk) ends
-    it early with ``Stopped``, leaving no partial file."""
+    it early with ``Stopped``, leaving no partial file. A file model must lie under one
+    of ``model_dirs``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(spec, GeneratedModel):
         return generate(spec, path, segment_bytes, stop)
-    return from_file(spec, path, segment_bytes, stop)
+    return from_file(spec, path, segment_bytes, stop, model_dirs)

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from tests.plugins import PLUGINS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -218,6 +220,7 @@ class Cluster:
             "server_url": self.url,
             "workspace": str(self.root / name),
             "num_samples": num_samples,
+            "allowed_trainers": PLUGINS,
             **({"tls": self.credentials("client", name)} if self.tls else {}),
             **extra,
         }

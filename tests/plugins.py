@@ -121,3 +121,10 @@ def poison_at(params: dict[str, Any]) -> PoisonAt:
 def broken_factory(params: dict[str, Any]) -> SlowAddEpsilon:
     """A plugin whose set-up fails on every site: the factory raises before any training."""
     raise RuntimeError(f"licence server {params.get('licence_server', 'lic.invalid')} unreachable")
+
+
+# every factory above: the test cluster's sites allow them (allowed_trainers)
+PLUGINS = [
+    f"tests.plugins:{name}"
+    for name in ("count_runs", "fail_on_site", "slow_add_epsilon", "poison_at", "broken_factory")
+]

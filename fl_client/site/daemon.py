@@ -362,7 +362,7 @@ class ClientDaemon:
     ) -> SavedUpdate:
         man = task.manifest
         # before the download: a plugin this site cannot load should not cost a model
-        trainer = await asyncio.to_thread(load_trainer, task.trainer)
+        trainer = await asyncio.to_thread(load_trainer, task.trainer, self.cfg.allowed_trainers)
         self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
         await download_model(
             api,

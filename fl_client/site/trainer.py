@@ -8,7 +8,10 @@ It may load whole tensors if it wants; the framework never does. It should call
 ``train_timeout`` only drops a trainer that has stopped moving.
 
 A plugin is named ``package.module:factory`` in the job file; ``factory(params)`` must
-return an object with ``train(model, update, ctx) -> TrainResult``.
+return an object with ``train(model, update, ctx) -> TrainResult``. A site runs only
+the plugins its own config lists in ``allowed_trainers``: whoever submits a job does
+not decide what code runs on another organisation's machine. A plugin not listed is
+refused before its module is imported.
 
 A trainer whose every read of the model comes before its write of the same bytes of the
 update, and that never reads back a part of the model it has written the update for
@@ -21,7 +24,7 @@ writing the update; a trainer stopped halfway then downloads the model again.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,8 +87,11 @@ class AddEpsilon:
         return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.params.epsilon})
 
 
-def load_trainer(spec: TrainerSpec) -> Trainer:
+def load_trainer(spec: TrainerSpec, allowed: Collection[str] = ()) -> Trainer:
     """The trainer the task names; any failure to get one is this site's ``TrainerFailed``.
+
+    ``allowed`` is the site's ``allowed_trainers``: a plugin not in it is refused and
+    nothing is imported.
 
     A plugin that cannot be imported (missing, or raising at import), a factory that
     raises, and a factory returning something without ``train()`` all fail the task on
@@ -96,6 +102,13 @@ def load_trainer(spec: TrainerSpec) -> Trainer:
     try:
         if name == BUILTIN_TRAINER:
             return AddEpsilon(spec.params)
+        if name not in allowed:
+            raise TrainerFailed(
+                f"trainer {name!r} is not allowed on this site: its allowed_trainers lists "
+                f"{', '.join(sorted(allowed)) or 'no plugin'}; the site's operator decides "
+                "which code runs there (add it to allowed_trainers in the site's config)",
+                field="trainer.name",
+            )
         module_name, _, attr = name.partition(":")
         try:
             module = importlib.import_module(module_name)

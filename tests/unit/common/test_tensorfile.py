@@ -295,7 +295,8 @@ def test_header_length_limits() -> None:
     assert header_length(struct.pack("<Q", 16) + b"rest") == 16
     with pytest.raises(ModelFormatError, match="exceeds") as exc:
         header_length(struct.pack("<Q", MAX_HEADER_BYTES + 1))
-    assert str(MAX_HEADER_BYTES + 1) in str(exc.value)
+    # the number is the file's first bytes: a message showing it would echo any file
+    assert str(MAX_HEADER_BYTES + 1) not in str(exc.value)
     with pytest.raises(ModelFormatError, match="exceeds"):
         header_length(b"\xff" * 8)
 

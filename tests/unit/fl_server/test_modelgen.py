@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from common.config import FileModel, GeneratedModel
+from common.errors import Forbidden, ModelFormatError
 from common.modelio import ModelWriter, compute_manifest, read_layout
 from fl_server.aggregate import Source, finalize, fold
-from fl_server.modelgen import prepare_initial
+from fl_server.modelgen import model_source, prepare_initial
 from fl_server.threads import Stopped
 
 SEGMENT = 64 * 1024
@@ -40,7 +41,7 @@ def test_a_file_model_is_copied_byte_for_byte_with_its_manifest(tmp_path: Path) 
         w.write(np.ones(37, dtype=np.float16))
         w.finish()
     out = tmp_path / "models" / "round-0.safetensors"
-    man = prepare_initial(FileModel(path=source), out, SEGMENT)
+    man = prepare_initial(FileModel(path=source), out, SEGMENT, model_dirs=(tmp_path,))
     assert out.read_bytes() == source.read_bytes()
     assert man == compute_manifest(out, SEGMENT)
     assert not out.with_name(out.name + ".part").exists()
@@ -56,7 +57,7 @@ def test_preparing_the_initial_model_stops_between_chunks_and_leaves_nothing(
     spec = SPEC if kind == "generated" else FileModel(path=source)
     out = tmp_path / "models" / "round-0.safetensors"
     with pytest.raises(Stopped):
-        prepare_initial(spec, out, SEGMENT, _stopped_after(2))
+        prepare_initial(spec, out, SEGMENT, _stopped_after(2), (tmp_path,))
     assert list(out.parent.iterdir()) == []
 
 
@@ -70,3 +71,32 @@ def test_aggregation_stops_between_chunks_and_leaves_nothing(tmp_path: Path) -> 
     with pytest.raises(Stopped):
         finalize(sources, layout, 3.0, tmp_path / "round-1.st", SEGMENT, 4096, _stopped_after(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u0.st", "u1.st"]
+
+
+def test_a_model_file_is_taken_only_from_the_model_dirs(tmp_path: Path) -> None:
+    models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    models.mkdir()
+    elsewhere.mkdir()
+    secret = elsewhere / "secret.st"
+    prepare_initial(SPEC, secret, SEGMENT)
+    (models / "link.st").symlink_to(secret)
+    (models / "sub").mkdir()
+    prepare_initial(SPEC, models / "sub" / "ok.st", SEGMENT)
+    dirs = (models,)
+    assert model_source(FileModel(path=models / "sub" / "ok.st"), dirs) == models / "sub" / "ok.st"
+    assert model_source(FileModel(path=Path("sub/ok.st")), dirs) == models / "sub" / "ok.st"
+    for outside in (secret, models / "link.st", models / ".." / "elsewhere" / "secret.st"):
+        with pytest.raises(Forbidden, match=r"model\.path: .* is not under the server's"):
+            model_source(FileModel(path=outside), dirs)
+    with pytest.raises(Forbidden):
+        prepare_initial(FileModel(path=secret), tmp_path / "out.st", SEGMENT, model_dirs=dirs)
+    assert not (tmp_path / "out.st").exists()
+
+
+def test_a_file_that_is_no_model_is_refused_without_echoing_its_bytes(tmp_path: Path) -> None:
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n" * 10)
+    with pytest.raises(ModelFormatError) as err:
+        prepare_initial(FileModel(path=text), tmp_path / "out.st", SEGMENT, model_dirs=(tmp_path,))
+    leaked = int.from_bytes(b"root:x:0", "little")
+    assert "root" not in err.value.message and str(leaked) not in err.value.message
