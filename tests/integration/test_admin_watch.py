@@ -8,6 +8,7 @@ import pty
 import select
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.cluster import REPO, Cluster, command, fl_admin, kill, small_job
 pytestmark = pytest.mark.integration
 
 ROUNDS = 2
-FAST_SITE = {"heartbeat_interval_s": 0.2}
+FAST_SITE: dict[str, Any] = {"heartbeat_interval_s": 0.2}
 
 
 def admin(cluster: Cluster, *args: str) -> list[str]:
@@ -24,7 +25,7 @@ def admin(cluster: Cluster, *args: str) -> list[str]:
     return command("fl_client.admin", "--server", cluster.url, *args)
 
 
-def start_job(cluster: Cluster, **job: object) -> str:
+def start_job(cluster: Cluster, **job: Any) -> str:
     cluster.start_server()
     for site in ("site-1", "site-2"):
         cluster.start_client(site, **FAST_SITE)
