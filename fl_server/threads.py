@@ -79,5 +79,9 @@ async def _wait_through_cancellation(fut: asyncio.Future[T]) -> None:
             await asyncio.wait([fut])
         except asyncio.CancelledError:
             cancelled = True
+    if not fut.cancelled():
+        # taken here: a ``Stopped`` is what the stop asked for, not an error to report
+        # (else asyncio logs "Future exception was never retrieved")
+        fut.exception()
     if cancelled:
         raise asyncio.CancelledError

@@ -137,7 +137,7 @@ class Cluster:
         }[role]
         if not (folder / "cert.pem").exists():
             project_file = self.pki / "project.json"
-            data = (
+            data: dict[str, Any] = (
                 json.loads(project_file.read_text())
                 if project_file.exists()
                 else {

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
-Model = dict[str, npt.NDArray[np.generic]]
+# the models of these tests are floating point: adding epsilon needs a float dtype
+Model = dict[str, npt.NDArray[np.floating[Any]]]
 
 
 def add_epsilon_round(model: Model, weights: list[int], epsilon: float) -> Model:

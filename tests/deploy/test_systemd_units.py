@@ -44,7 +44,7 @@ def seconds(value: str) -> float:
     ("path", "script", "config_model"),
     [(SERVER, "fl-server", ServerConfig), (CLIENT, "fl-client", ClientConfig)],
 )
-def test_unit_contents(path: Path, script: str, config_model: type) -> None:
+def test_unit_contents(path: Path, script: str, config_model: type[BaseModel]) -> None:
     unit = parse_unit(path)
     svc = {k: v[-1] for k, v in unit["Service"].items()}
     assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"

@@ -8,6 +8,7 @@ import pty
 import select
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from tests.cluster import REPO, Cluster, command, fl_admin, kill, small_job
 pytestmark = pytest.mark.integration
 
 ROUNDS = 2
-FAST_SITE = {"heartbeat_interval_s": 0.2}
+FAST_SITE: dict[str, Any] = {"heartbeat_interval_s": 0.2}
 
 
 def admin(cluster: Cluster, *args: str) -> list[str]:
@@ -24,7 +25,7 @@ def admin(cluster: Cluster, *args: str) -> list[str]:
     return command("fl_client.admin", "--server", cluster.url, *args)
 
 
-def start_job(cluster: Cluster, **job: object) -> str:
+def start_job(cluster: Cluster, **job: Any) -> str:
     cluster.start_server()
     for site in ("site-1", "site-2"):
         cluster.start_client(site, **FAST_SITE)
@@ -32,10 +33,29 @@ def start_job(cluster: Cluster, **job: object) -> str:
 
 
 def test_watch_json_lines_until_finished(cluster: Cluster) -> None:
-    job_id = start_job(cluster, tensors=16)
-    out = fl_admin("--server", cluster.url, "--json", "watch", job_id, "--interval", "0.1")
-    assert out.returncode == 0, out.stdout + out.stderr + cluster.logs()
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    cluster.start_server()
+    job_id = cluster.submit(small_job(rounds=ROUNDS, tensors=16))  # waits for its two sites
+    out, err = cluster.root / "watch.out", cluster.root / "watch.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        watch = subprocess.Popen(
+            admin(cluster, "--json", "watch", job_id, "--interval", "0.1"),
+            cwd=REPO,
+            stdout=stdout,
+            stderr=stderr,
+        )
+    try:
+        # The sites start once fl-admin has reported the job: the job takes less time
+        # than fl-admin takes to start, and the lines must show it before it is over.
+        cluster.wait_for(lambda: out.read_text() != "", 60, "fl-admin watch to report")
+        for site in ("site-1", "site-2"):
+            cluster.start_client(site, **FAST_SITE)
+        watch.wait(120)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, out.read_text() + err.read_text() + cluster.logs()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) >= 2
     assert all(line["job_id"] == job_id and line["num_rounds"] == ROUNDS for line in lines)
     done = [line["rounds_done"] for line in lines]

@@ -54,7 +54,8 @@ def _refused(reply: Reply, status: int, code: str, *words: str) -> None:
 
 
 def _plus_epsilon(name: str, x: np.ndarray) -> np.ndarray:
-    return x + x.dtype.type(EPSILON)
+    out: np.ndarray = x + x.dtype.type(EPSILON)
+    return out
 
 
 def _layout_with(manifest: Manifest, change: Callable[[list[TensorSpec]], list[Any]]) -> Layout:

@@ -8,6 +8,7 @@ what is declared, uploaded and committed, and when.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,21 +22,25 @@ pytestmark = pytest.mark.integration
 
 EPSILON = 0.001
 
+# each site's driver, its task and its update file
+Sites = dict[str, tuple[RawSite, dict[str, Any], Path]]
+
 
 def _plus_epsilon(name: str, x: np.ndarray) -> np.ndarray:
-    return (x + x.dtype.type(EPSILON)).astype(x.dtype)
+    out: np.ndarray = (x + x.dtype.type(EPSILON)).astype(x.dtype)
+    return out
 
 
 def _start(
     cluster: Cluster, tmp_path: Path, names: list[str], min_clients: int
-) -> tuple[str, dict[str, tuple[RawSite, dict, Path]], Manifest]:
+) -> tuple[str, Sites, Manifest]:
     """A one-round job; each site has its task and its update (the model + epsilon)."""
     cluster.start_server()
     # 12 tensors of 302 KiB over 1 MiB segments: some tensors cross segment boundaries
     job = small_job(rounds=1, clients=min_clients, tensors=12, epsilon=EPSILON)
     job["clients"] = names
     job_id = cluster.submit(job)
-    sites: dict[str, tuple[RawSite, dict, Path]] = {}
+    sites: Sites = {}
     man: Manifest | None = None
     raw = {name: RawSite(cluster.port, name) for name in names}
     for site in raw.values():
@@ -50,13 +55,13 @@ def _start(
     return job_id, sites, man
 
 
-def _upload(sites: dict, name: str, man: Manifest, declared: int | None) -> None:
+def _upload(sites: Sites, name: str, man: Manifest, declared: int | None) -> None:
     site, task, update = sites[name]
     replies = site.upload(task["task_id"], update, man.segment_bytes, num_samples=declared)
     assert all(r.status == 200 for r in replies), replies
 
 
-def _commit(sites: dict, name: str, man: Manifest, num_samples: int) -> None:
+def _commit(sites: Sites, name: str, man: Manifest, num_samples: int) -> None:
     site, task, update = sites[name]
     reply = site.commit(task["task_id"], file_digest(update, man.segment_bytes), num_samples)
     assert reply.status == 200, reply

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from tests.expected import expected_after
 pytestmark = pytest.mark.integration
 
 
-def _run_job(cluster: Cluster, weights: dict[str, int], **job_extra: object) -> tuple[str, dict]:
+def _run_job(
+    cluster: Cluster, weights: dict[str, int], **job_extra: Any
+) -> tuple[str, dict[str, Any]]:
     cluster.start_server()
     for name, w in weights.items():
         cluster.start_client(name, num_samples=w)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,7 +122,10 @@ def test_sigterm_while_the_plugin_computes_without_progress_stops_in_time(
     hold = cluster.root / "hold"
     hold.touch()
     shutdown_timeout_s = 1.0
-    settings = {"heartbeat_interval_s": 0.3, "shutdown_timeout_s": shutdown_timeout_s}
+    settings: dict[str, Any] = {
+        "heartbeat_interval_s": 0.3,
+        "shutdown_timeout_s": shutdown_timeout_s,
+    }
     cluster.start_server()
     client = cluster.start_client("site-1", **settings)
     job = small_job(rounds=1, clients=1, tensors=2)
@@ -157,7 +161,11 @@ def test_client_sigterm_mid_upload_finishes_its_segments_and_resumes(cluster: Cl
     with ProxyProcess.start(cluster.port, cluster.root) as proxy:
         # 8 MiB of update at 2 MiB/s: about 4 s of upload, segments of 1 MiB
         proxy.set_faults(Rule(match=PUT_SEGMENT, direction="up", throttle_bps=2 * MIB))
-        settings = {"server_url": proxy.url, "heartbeat_interval_s": 0.3, "transfer": {"window": 2}}
+        settings: dict[str, Any] = {
+            "server_url": proxy.url,
+            "heartbeat_interval_s": 0.3,
+            "transfer": {"window": 2},
+        }
         client = cluster.start_client("site-1", **settings)
         job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=8, shape=[512, 512]))
         cluster.wait_for(

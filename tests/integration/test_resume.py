@@ -10,7 +10,7 @@ segments.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -27,7 +27,7 @@ from tests.cluster import (
     tasks_of,
 )
 from tests.plugins import runs
-from tests.proxy import Direction, ProxyProcess, Rule
+from tests.proxy import ProxyProcess, Rule
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def _segments(model_bytes: int) -> int:
     ids=["upload", "download"],
 )
 def test_transfer_cut_mid_segment_moves_only_that_segment_again(
-    cluster: Cluster, proxy: ProxyProcess, route: str, direction: Direction, cut_at: int
+    cluster: Cluster, proxy: ProxyProcess, route: str, direction: Literal["up", "down"], cut_at: int
 ) -> None:
     cluster.start_server()
     proxy.set_faults(Rule(match=route, direction=direction, cut_after_bytes=cut_at, limit=2))

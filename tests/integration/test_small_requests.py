@@ -42,7 +42,8 @@ def _post_in_pieces(
 
 
 def _client(cluster: Cluster, name: str) -> dict[str, Any]:
-    (row,) = [c for c in cluster.get("/v1/admin/clients") if c["name"] == name]
+    rows: list[dict[str, Any]] = [c for c in cluster.get("/v1/admin/clients") if c["name"] == name]
+    (row,) = rows
     return row
 
 

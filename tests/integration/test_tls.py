@@ -12,7 +12,7 @@ import http.client
 import json
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from common.http_client import tls_failure
 from fl_client.admin.provision import Project, provision
@@ -83,9 +84,7 @@ def expired_admin(cluster: Cluster) -> dict[str, str]:
         .not_valid_before(now - timedelta(days=30))
         .not_valid_after(now - timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     d = cluster.root / "expired"
@@ -150,7 +149,8 @@ def test_provisioned_sites_run_a_job_over_mutual_tls_exactly(tls_cluster: Cluste
         )
     finally:
         conn.close()
-    assert c.server is not None and c.server.stop() == 0, c.server.tail()
+    assert c.server is not None
+    assert c.server.stop() == 0, c.server.tail()
     assert "fl-server stopped" in log_text(c, "server")
 
 
@@ -186,12 +186,13 @@ def test_provisioned_sites_run_a_job_over_mutual_tls_exactly(tls_cluster: Cluste
 def test_fl_admin_refused_with_reasons_on_both_sides(
     server: Cluster, case: str, caller_words: str, server_words: str
 ) -> None:
-    tls = {
+    credentials: dict[str, Callable[[], dict[str, str] | None]] = {
         "another CA": lambda: other_project_admin(server),
         "expired": lambda: expired_admin(server),
         "server certificate": lambda: server.credentials("server", "server"),
         "plain HTTP": lambda: None,
-    }[case]()
+    }
+    tls = credentials[case]()
     config = admin_config(server, case.replace(" ", "-"), tls)
     mark = len(log_text(server, "server"))
     run = fl_admin("--config", str(config), "clients")
@@ -340,7 +341,7 @@ def test_a_site_cannot_touch_another_sites_task_and_the_job_is_unharmed(
     reply = c.request("GET", "/v1/clients/site-2/task?wait=10", as_client="site-2")
     task = reply["task"]["task_id"]
     mark = len(log_text(c, "server"))
-    attempts = {
+    attempts: dict[str, tuple[str, str, dict[str, Any]]] = {
         "site-2's tasks": ("GET", "/v1/clients/site-2/task?wait=0", {}),
         "site-2's model": ("GET", f"/v1/tasks/{task}/model", {}),
         "site-2's upload status": ("GET", f"/v1/tasks/{task}/upload", {}),
@@ -380,8 +381,8 @@ def test_a_site_cannot_touch_another_sites_task_and_the_job_is_unharmed(
 
     c.start_client("site-1")
     c.start_client("site-2")
-    status = c.wait_job(job_id)
-    assert status["job"]["state"] == "finished", c.logs()
-    (t2,) = [t for t in status["tasks"] if t["client"] == "site-2"]
+    final = c.wait_job(job_id)
+    assert final["job"]["state"] == "finished", c.logs()
+    (t2,) = [t for t in final["tasks"] if t["client"] == "site-2"]
     assert (t2["task_id"], t2["state"]) == (task, "committed")  # the same task, unharmed
     assert_exact_model(c, job_id, 1, [1, 1])

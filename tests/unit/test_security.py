@@ -21,7 +21,6 @@ from common.config import (
     load_config,
     parse_config,
 )
-from common.config_doc import render
 from common.errors import (
     ConfigError,
     FLError,
@@ -41,7 +40,6 @@ from fl_client.admin.provision.certs import Holder, issue, load_cert, load_key, 
 from fl_server.auth import authorize, required_role
 from fl_server.handshake import plain_http_refusal
 from fl_server.limits import Slots
-from tests.cluster import REPO
 
 NOW = datetime.now(UTC)
 
@@ -217,12 +215,6 @@ def test_server_modes_that_are_allowed(tmp_path: Path, text: str, url: str) -> N
     cfg = load_config(_write(tmp_path, text), ServerConfig)
     assert cfg.url == url
     assert cfg.limits.max_connections == 1024 and cfg.limits.max_long_polls_per_client == 2
-
-
-def test_configuration_reference_is_in_sync() -> None:
-    doc = (REPO / "docs" / "configuration.md").read_text()
-    assert doc == render() + "\n", "run: python -m common.config_doc > docs/configuration.md"
-    assert "| `tls.cert` |" in doc and "| `limits.max_uploads_per_client` |" in doc
 
 
 def test_unusable_tls_files_name_the_setting(tmp_path: Path) -> None:

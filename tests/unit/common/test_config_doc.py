@@ -11,3 +11,5 @@ def test_configuration_reference_is_current() -> None:
     assert on_disk == render() + "\n", (
         "docs/configuration.md is stale: run python -m common.config_doc > docs/configuration.md"
     )
+    # the nested sections are in it too, down to the security settings
+    assert "| `tls.cert` |" in on_disk and "| `limits.max_uploads_per_client` |" in on_disk

@@ -106,8 +106,8 @@ def test_hasher_accepts_typed_and_multidimensional_memoryviews() -> None:
     arr = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
     raw = arr.tobytes()
     h = SegmentHasher(48)
-    h.feed(memoryview(arr[:1]))  # format 'f', 3-D
-    h.feed(memoryview(arr[1:]))
+    h.feed(arr[:1].data)  # a memoryview of format 'f', 3-D
+    h.feed(arr[1:].data)
     assert h.finish() == _expected(raw, 48)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -103,7 +104,7 @@ def test_writer_accepts_multidimensional_chunks(tmp_path: Path) -> None:
 
 
 def test_writer_metadata_reaches_file(tmp_path: Path) -> None:
-    values = {"a": np.ones(3, dtype=np.float32)}
+    values: dict[str, Arr] = {"a": np.ones(3, dtype=np.float32)}
     path = tmp_path / "m.st"
     _write(path, values, segment_bytes=16, metadata={"round": "4"})
     from safetensors import safe_open
@@ -486,7 +487,10 @@ def test_read_layout(model: tuple[Path, dict[str, Arr]]) -> None:
 
 
 def test_reader_reads_safetensors_library_file(tmp_path: Path) -> None:
-    values = {"x": np.arange(10, dtype=np.float64), "y": np.arange(6, dtype=np.int32).reshape(2, 3)}
+    values: dict[str, npt.NDArray[Any]] = {
+        "x": np.arange(10, dtype=np.float64),
+        "y": np.arange(6, dtype=np.int32).reshape(2, 3),
+    }
     path = tmp_path / "lib.st"
     safetensors.numpy.save_file(values, str(path))
     with ModelReader(path) as r:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pydantic
 import pytest
 import safetensors.numpy
@@ -158,7 +160,7 @@ def test_empty_layout_round_trip() -> None:
 
 
 def test_parse_header_of_a_safetensors_library_file() -> None:
-    values = {
+    values: dict[str, npt.NDArray[Any]] = {
         "w": np.arange(12, dtype=np.float32).reshape(3, 4),
         "b": np.ones(3, dtype=np.float64),
         "n": np.array([1, 2, 3], dtype=np.int16),

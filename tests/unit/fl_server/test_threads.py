@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ async def test_result_and_errors_pass_through() -> None:
 @pytest.mark.parametrize("executor", [None, "own"])
 async def test_cancelling_stops_the_work_and_waits_for_the_thread(executor: str | None) -> None:
     seen: list[str] = []
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx))
     pool = ThreadPoolExecutor(1) if executor else None
     try:
         work = asyncio.create_task(run_stoppable(pool, _steps, seen, 0.3))
@@ -50,6 +53,11 @@ async def test_cancelling_stops_the_work_and_waits_for_the_thread(executor: str 
         # the cancellation came through only once the thread had cleaned up and returned
         assert seen == ["started", "stopped"]
         assert 0.3 <= time.monotonic() - started < 2.0
+        # its Stopped was taken: asyncio had nothing to report when the future went
+        del work
+        gc.collect()
+        await asyncio.sleep(0.1)
+        assert reported == []
     finally:
         if pool is not None:
             pool.shutdown()

@@ -61,8 +61,8 @@ SEGMENTS = segment_count(LAYOUT.file_size, SEGMENT)
 TIMEOUT = 100.0
 
 
-def core(min_clients: int = 2, **rules: float | None) -> RoundCore:
-    policy = RoundRules(min_clients=min_clients, train_timeout=TIMEOUT, **rules)  # type: ignore[arg-type]
+def core(min_clients: int = 2, wait_for_clients_s: float | None = None) -> RoundCore:
+    policy = RoundRules(min_clients, TIMEOUT, wait_for_clients_s)
     return RoundCore(rnd=1, layout=LAYOUT, segment_bytes=SEGMENT, policy=policy, opened_at=0.0)
 
 

@@ -117,14 +117,24 @@ def test_a_round_opens_once_min_clients_sites_are_connected(
 
 def test_an_open_round_without_enough_sites_fails_after_wait_for_clients_s() -> None:
     tasks = [t("a", C)]
-    kw = {"min_clients": 2, "train_timeout": 10.0, "opened_at": 0.0, "wait_for_clients_s": 30.0}
-    waiting = decide_round(tasks, now=20.0, **kw)  # type: ignore[arg-type]
+
+    def at(tasks: list[TaskView], now: float) -> Decision:
+        return decide_round(
+            tasks,
+            min_clients=2,
+            train_timeout=10.0,
+            now=now,
+            opened_at=0.0,
+            wait_for_clients_s=30.0,
+        )
+
+    waiting = at(tasks, 20.0)
     assert waiting.action is Action.WAIT and waiting.wake_at == 30.0
-    failed = decide_round(tasks, now=31.0, **kw)  # type: ignore[arg-type]
+    failed = at(tasks, 31.0)
     assert failed.action is Action.FAIL
     assert failed.reason == (
         "only 1 of min_clients=2 clients took part within wait_for_clients_s=30 s"
     )
     # a task still in flight holds the round open, however long it has been
-    busy = decide_round([*tasks, t("b", A, last=25.0)], now=31.0, **kw)  # type: ignore[arg-type]
+    busy = at([*tasks, t("b", A, last=25.0)], 31.0)
     assert busy.action is Action.WAIT
