@@ -8,7 +8,8 @@ from pathlib import Path
 
 import uvloop
 
-from common.config import ServerConfig, load_config
+from common.config import ServerConfig
+from common.config_load import load_config
 from common.errors import FLError
 from common.logs import setup_logging
 from common.tls import server_context

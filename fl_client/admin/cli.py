@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from common import humanize, wire
-from common.config import AdminConfig, JobConfig, load_config, load_yaml, parse_config
+from common.config import AdminConfig, JobConfig
+from common.config_load import load_config, load_yaml, parse_config
 from common.errors import ConfigError, FLError, TransferError
 from common.http_client import Api, make_session
 from fl_client.admin import api, render

@@ -46,9 +46,8 @@ from common.config import (
     ClientConfig,
     JobConfig,
     ServerConfig,
-    load_yaml,
-    parse_config,
 )
+from common.config_load import load_yaml, parse_config
 from common.errors import FLError
 from common.http_client import Api, make_session
 from common.modelio import ModelReader

@@ -10,7 +10,8 @@ from pathlib import Path
 import uvloop
 
 from common import logctx
-from common.config import ClientConfig, load_config
+from common.config import ClientConfig
+from common.config_load import load_config
 from common.errors import FLError
 from common.logs import setup_logging
 from common.tls import client_context

@@ -26,7 +26,8 @@ import yaml
 from cryptography import x509
 from pydantic import BaseModel
 
-from common.config import AdminConfig, ClientConfig, JobConfig, ServerConfig, load_config
+from common.config import AdminConfig, ClientConfig, JobConfig, ServerConfig
+from common.config_load import load_config
 from common.identity import Role, identity_from_peercert
 from common.tls import client_context, server_context
 from fl_client.admin.provision.cli import build_parser

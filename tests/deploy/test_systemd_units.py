@@ -12,7 +12,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 from pydantic import BaseModel
 
-from common.config import ClientConfig, ServerConfig, load_config
+from common.config import ClientConfig, ServerConfig
+from common.config_load import load_config
 from fl_client.admin.provision import Project
 from tests.cluster import REPO
 from tests.deploy.units import DEPLOY, console_scripts, parse_unit, provision

@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
-    AdminConfig,
-    ClientConfig,
-    ServerConfig,
-    TlsFiles,
-    load_config,
-    parse_config,
-)
+from common.config import AdminConfig, ClientConfig, ServerConfig, TlsFiles
+from common.config_load import load_config, parse_config
 from common.errors import (
     ConfigError,
     FLError,

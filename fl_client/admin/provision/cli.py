@@ -13,7 +13,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common.config import load_config
+from common.config_load import load_config
 from common.errors import ConfigError, FLError
 from fl_client.admin.provision.layout import CA_DIR, CA_KEY
 from fl_client.admin.provision.project import Project

@@ -23,7 +23,7 @@ from typing import Literal
 import yaml
 from cryptography import x509
 
-from common.config import parse_config
+from common.config_load import parse_config
 from common.errors import ConfigError, FLError
 from fl_client.admin.provision import certs
 from fl_client.admin.provision.layout import (

@@ -16,10 +16,8 @@ from common.config import (
     GeneratedModel,
     JobConfig,
     ServerConfig,
-    load_config,
-    parse_config,
-    yaml_path,
 )
+from common.config_load import load_config, parse_config, yaml_path
 from common.errors import ConfigError
 from common.timeouts import (
     DEFAULT_COMMUNICATION_TIMEOUT_S,

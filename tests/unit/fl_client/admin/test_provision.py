@@ -16,7 +16,8 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.config import AdminConfig, ClientConfig, ServerConfig, load_config
+from common.config import AdminConfig, ClientConfig, ServerConfig
+from common.config_load import load_config
 from common.errors import ConfigError
 from fl_client.admin.provision import Project, provision
 from fl_client.admin.provision.certs import load_key
