@@ -14,10 +14,16 @@ from aiohttp import web
 
 from common.config import MIB, TransferSettings
 from common.errors import IntegrityError, ProtocolError, StorageError
-from common.http_client import JSON_REPLY_MAX_BYTES
+from common.http_client import JSON_REPLY_MAX_BYTES, Api
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
 from fl_client.site import transfer
-from fl_client.site.transfer import ACK_MAX_BYTES, Verified, download_model, upload_update
+from fl_client.site.transfer import (
+    ACK_MAX_BYTES,
+    TransferContext,
+    Verified,
+    download_model,
+    upload_update,
+)
 from tests.fakeserver import Handler, file_ranges, make_model, serve
 
 ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
@@ -25,6 +31,10 @@ ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
 
 def _ignore(_: int) -> None:
     pass
+
+
+def _context(api: Api, settings: TransferSettings) -> TransferContext:
+    return TransferContext(api, settings, _ignore, asyncio.Event())
 
 
 async def _endless_json(request: web.Request) -> web.StreamResponse:
@@ -80,7 +90,7 @@ async def test_malformed_or_oversized_ack_is_a_protocol_error(tmp_path: Path, ac
     }
     async with serve(routes) as api:
         with pytest.raises(ProtocolError, match="upload of segment 0 of task t1"):
-            await upload_update(api, "t1", update, man, ONE_TRY, _ignore, asyncio.Event())
+            await upload_update(_context(api, ONE_TRY), "t1", update, man)
 
 
 async def test_full_disk_during_a_download_is_a_storage_error_not_retried(
@@ -103,7 +113,7 @@ async def test_full_disk_during_a_download_is_a_storage_error_not_retried(
     settings = TransferSettings(window=1, max_segment_attempts=5)
     async with serve({("GET", "/model"): model}) as api:
         with pytest.raises(StorageError) as err:
-            await download_model(api, "/model", man, dest, settings, _ignore, asyncio.Event())
+            await download_model(_context(api, settings), "/model", man, dest)
     assert err.value.message == (f"download {dest}.part: cannot write: No space left on device")
     assert len(fetched) == 1  # one try: a full disk is not cured by fetching again
 
@@ -139,9 +149,7 @@ async def test_a_retry_in_the_same_process_trusts_the_segments_it_verified(
     async with serve({("GET", "/model"): model}) as api:
 
         async def attempt(known: Verified) -> None:
-            await download_model(
-                api, "/model", man, dest, settings, _ignore, asyncio.Event(), verified=known
-            )
+            await download_model(_context(api, settings), "/model", man, dest, verified=known)
 
         with pytest.raises(IntegrityError):
             await attempt(verified)
