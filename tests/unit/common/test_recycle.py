@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from aiohttp import web
 
 from common.config import TransferSettings
@@ -106,7 +107,10 @@ def test_concurrent_takers_never_share_a_spare(tmp_path: Path) -> None:
 
 def test_a_writer_over_a_spare_leaves_exactly_what_a_new_file_holds(tmp_path: Path) -> None:
     tensors = [("a", "F32", (1000,)), ("b", "I64", (7, 3))]
-    values = {"a": np.linspace(0, 1, 1000, dtype=np.float32), "b": np.arange(21).reshape(7, 3)}
+    values: dict[str, npt.NDArray[np.generic]] = {
+        "a": np.linspace(0, 1, 1000, dtype=np.float32),
+        "b": np.arange(21).reshape(7, 3),
+    }
 
     def write(path: Path, pool: FilePool | None) -> bytes:
         with ModelWriter(path, tensors, segment_bytes=512, pool=pool) as w:

@@ -15,6 +15,7 @@ from aiohttp import web
 from common.config import MIB, TransferSettings
 from common.errors import IntegrityError, ProtocolError, StorageError
 from common.http_client import JSON_REPLY_MAX_BYTES, Api
+from common.modelio import hash_file_segments as real_hash
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
 from fl_client.site import transfer
 from fl_client.site.transfer import (
@@ -135,7 +136,6 @@ async def test_a_retry_in_the_same_process_trusts_the_segments_it_verified(
             return web.Response(status=206, body=b"\0" * 8192)
         return await serve_range(request)
 
-    real_hash = transfer.hash_file_segments
     hashed: list[list[int]] = []
 
     def counting_hash(path: Path, segment_bytes: int, indices: list[int]) -> dict[int, str]:
