@@ -24,31 +24,8 @@ import enum
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from common.errors import (
-    ConfigError,
-    Conflict,
-    FLError,
-    Forbidden,
-    IntegrityError,
-    JobError,
-    ModelFormatError,
-    NotFound,
-    ProtocolError,
-    RangeNotSatisfiable,
-    RequestError,
-    ResumeMismatch,
-    SegmentBusy,
-    SegmentTooLong,
-    SegmentTruncated,
-    ServerBusy,
-    StorageError,
-    TaskExpired,
-    TlsError,
-    TooManyRequests,
-    TransferError,
-    TransferTimeout,
-    UpdateRejected,
-)
+from common import errors
+from common.errors import FLError
 
 E = TypeVar("E", bound=type[FLError])
 
@@ -70,30 +47,29 @@ class Rule(NamedTuple):
 
 
 RULES: dict[type[FLError], Rule] = {
-    #                     now    then
     FLError: Rule(False, Outcome.RETRY_TASK),
-    ConfigError: Rule(False, Outcome.RETRY_TASK),
-    RequestError: Rule(False, Outcome.RETRY_TASK),
-    NotFound: Rule(False, Outcome.RETRY_TASK),
-    Forbidden: Rule(False, Outcome.RETRY_TASK),
-    Conflict: Rule(False, Outcome.CONFLICT),
-    TaskExpired: Rule(False, Outcome.DROP),
-    SegmentBusy: Rule(True, Outcome.CONFLICT),  # another connection still delivers it
-    UpdateRejected: Rule(False, Outcome.GIVE_UP),
-    SegmentTooLong: Rule(False, Outcome.RETRY_TASK),
-    RangeNotSatisfiable: Rule(False, Outcome.RETRY_TASK),
-    TooManyRequests: Rule(True, Outcome.RETRY_TASK),
-    ServerBusy: Rule(True, Outcome.RETRY_TASK),
-    StorageError: Rule(False, Outcome.DISK),  # sending again does not free the disk
-    TransferError: Rule(True, Outcome.RESUME),
-    TransferTimeout: Rule(True, Outcome.RESUME),
-    TlsError: Rule(True, Outcome.RESUME),
-    IntegrityError: Rule(True, Outcome.RESUME),
-    SegmentTruncated: Rule(True, Outcome.RESUME),
-    ResumeMismatch: Rule(False, Outcome.RESUME),  # the same request gets the same answer
-    ProtocolError: Rule(False, Outcome.RETRY_TASK),
-    ModelFormatError: Rule(False, Outcome.GIVE_UP),
-    JobError: Rule(False, Outcome.RETRY_TASK),
+    errors.ConfigError: Rule(False, Outcome.RETRY_TASK),
+    errors.RequestError: Rule(False, Outcome.RETRY_TASK),
+    errors.NotFound: Rule(False, Outcome.RETRY_TASK),
+    errors.Forbidden: Rule(False, Outcome.RETRY_TASK),
+    errors.Conflict: Rule(False, Outcome.CONFLICT),
+    errors.TaskExpired: Rule(False, Outcome.DROP),
+    errors.SegmentBusy: Rule(True, Outcome.CONFLICT),  # another connection still delivers it
+    errors.UpdateRejected: Rule(False, Outcome.GIVE_UP),
+    errors.SegmentTooLong: Rule(False, Outcome.RETRY_TASK),
+    errors.RangeNotSatisfiable: Rule(False, Outcome.RETRY_TASK),
+    errors.TooManyRequests: Rule(True, Outcome.RETRY_TASK),
+    errors.ServerBusy: Rule(True, Outcome.RETRY_TASK),
+    errors.StorageError: Rule(False, Outcome.DISK),  # sending again does not free the disk
+    errors.TransferError: Rule(True, Outcome.RESUME),
+    errors.TransferTimeout: Rule(True, Outcome.RESUME),
+    errors.TlsError: Rule(True, Outcome.RESUME),
+    errors.IntegrityError: Rule(True, Outcome.RESUME),
+    errors.SegmentTruncated: Rule(True, Outcome.RESUME),
+    errors.ResumeMismatch: Rule(False, Outcome.RESUME),  # the same request gets the same answer
+    errors.ProtocolError: Rule(False, Outcome.RETRY_TASK),
+    errors.ModelFormatError: Rule(False, Outcome.GIVE_UP),
+    errors.JobError: Rule(False, Outcome.RETRY_TASK),
 }
 
 

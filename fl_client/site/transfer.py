@@ -95,6 +95,11 @@ class TransferContext:
     metrics: ClientMetrics | None = None
     pool: FilePool | None = None
 
+    def timer(self, stage: Stage, what: str) -> ProgressTimer:
+        """The progress timer of one segment's request, starting in ``stage``."""
+        timeout = self.api.timeouts.communication_timeout
+        return ProgressTimer(timeout, stage=stage, peer=self.api.base_url, what=what)
+
     def moved(self, direction: Direction, nbytes: int, started: float) -> None:
         """One segment moved and checked: count it."""
         if self.metrics is not None:
@@ -182,10 +187,7 @@ class _Download:
         start, end = Segments(man.file_size, man.segment_bytes).range(index)
         what = f"download of segment {index} of {self.name}"
         started = time.monotonic()
-        timeouts = api.timeouts
-        async with ProgressTimer(
-            timeouts.communication_timeout, stage=Stage.WAITING, peer=api.base_url, what=what
-        ) as timer:
+        async with self.ctx.timer(Stage.WAITING, what) as timer:
             with map_transport_errors(api.base_url, what):
                 async with api.session.get(
                     api.url(self.url_path), headers={"Range": f"bytes={start}-{end - 1}"}
@@ -199,7 +201,7 @@ class _Download:
                         start,
                         end - start,
                         timer=timer,
-                        read_timeout_s=timeouts.streaming_read_timeout,
+                        read_timeout_s=api.timeouts.streaming_read_timeout,
                         batch_bytes=self.ctx.settings.io_chunk_bytes,
                         path=self.part,  # its write failures are StorageError: not retried
                         what="download",
@@ -268,9 +270,7 @@ class _Upload:
         what = f"upload of segment {index} of task {self.task_id}"
         started = time.monotonic()
         timeouts = api.timeouts
-        async with ProgressTimer(
-            timeouts.communication_timeout, stage=Stage.SENDING, peer=api.base_url, what=what
-        ) as timer:
+        async with self.ctx.timer(Stage.SENDING, what) as timer:
             body = file_range_chunks(self.path, start, end, self.ctx.settings.io_chunk_bytes, timer)
 
             async def then_wait() -> AsyncIterator[bytes]:
