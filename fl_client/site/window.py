@@ -1,17 +1,27 @@
 """Running a transfer's segments: a window of them at a time, each tried again at once
-when the outcome table says its failure may pass (``common.outcomes``)."""
+when the outcome table says its failure may pass (``common.outcomes``); and the
+``TransferContext`` that downloads and uploads share."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
+from common.config import TransferSettings
 from common.errors import FLError
+from common.http_client import Api
 from common.outcomes import Outcome, decided, outcome
+from common.recycle import FilePool
+from common.timeouts import ProgressTimer, Stage
+from fl_client.site.metrics import ClientMetrics, Direction
 
 log = logging.getLogger("fl_client.transfer")
 RETRY_PAUSE_S = 0.5
+Progress = Callable[[int], None]
 
 
 @decided(Outcome.STOP)
@@ -84,3 +94,47 @@ async def run_window(
         raise _first_error(group) from None
     if not queue.empty():
         raise Interrupted(f"{queue.qsize()} segments left for the next start")
+
+
+@dataclass(frozen=True)
+class TransferContext:
+    """What every transfer of one daemon shares: the server, the settings, where progress
+    and metrics go, the stop signal and the spare files a download may write over."""
+
+    api: Api
+    settings: TransferSettings
+    progress: Progress
+    stopping: asyncio.Event
+    metrics: ClientMetrics | None = None
+    pool: FilePool | None = None
+
+    def timer(self, stage: Stage, what: str) -> ProgressTimer:
+        """The progress timer of one segment's request, starting in ``stage``."""
+        timeout = self.api.timeouts.communication_timeout
+        return ProgressTimer(timeout, stage=stage, peer=self.api.base_url, what=what)
+
+    def moved(self, direction: Direction, nbytes: int, started: float) -> None:
+        """One segment moved and checked: count it."""
+        if self.metrics is not None:
+            self.metrics.segment_moved(direction, nbytes, time.monotonic() - started)
+        self.progress(nbytes)
+
+    async def run(
+        self,
+        todo: list[int],
+        name: Callable[[int], str],
+        direction: Direction,
+        move: Callable[[int], Awaitable[None]],
+    ) -> None:
+        """``move`` the segments ``todo``, a window at a time, each tried again while its
+        failure may pass; ``name(i)`` names segment ``i`` in the log."""
+        on_retry = None
+        if self.metrics is not None:
+            on_retry = functools.partial(self.metrics.segment_retried, direction)
+        attempts = self.settings.max_segment_attempts
+        await run_window(
+            todo,
+            self.settings.window,
+            lambda i: with_retries(name(i), attempts, lambda: move(i), on_retry),
+            self.stopping,
+        )

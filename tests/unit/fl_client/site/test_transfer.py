@@ -17,7 +17,7 @@ from common.errors import IntegrityError, ProtocolError, StorageError
 from common.http_client import JSON_REPLY_MAX_BYTES, Api
 from common.modelio import hash_file_segments as real_hash
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
-from fl_client.site import transfer
+from fl_client.site import download
 from fl_client.site.transfer import (
     ACK_MAX_BYTES,
     TransferContext,
@@ -142,7 +142,7 @@ async def test_a_retry_in_the_same_process_trusts_the_segments_it_verified(
         hashed.append(list(indices))
         return real_hash(path, segment_bytes, indices)
 
-    monkeypatch.setattr(transfer, "hash_file_segments", counting_hash)
+    monkeypatch.setattr(download, "hash_file_segments", counting_hash)
     dest = tmp_path / "site" / "model.safetensors"
     settings = TransferSettings(window=1, max_segment_attempts=1)
     verified = Verified()
