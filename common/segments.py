@@ -11,8 +11,9 @@ server's acknowledgement against the segment it sent. A mismatch is an error of 
 project's tree naming the segment; what a site does next is decided by one table, in
 ``common.outcomes``.
 
-Both sides use this module: ``fl_client.site.transfer`` (downloads, uploads) and
-``fl_server.intake`` (the server's side of an upload). It touches no socket, file or
+Both sides use this module: the site's ``fl_client.site.download`` and
+``fl_client.site.transfer`` (uploads), and the server's ``fl_server.api_client`` and
+``fl_server.intake`` (its side of an upload). It touches no socket, file or
 clock: values in, values or errors out.
 """
 

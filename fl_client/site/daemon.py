@@ -10,7 +10,8 @@ when a new task starts: their rounds are over.
 
 A task that fails for a reason that may pass (a transfer, the disk, a busy server) is
 taken up again after a pause that grows with each failure of that task
-(``fl_client.site.retry``). Across those retries this process trusts what it verified or
+(``fl_client.site.retry``); which failures those are, and which give the task up or
+drop it, is one table (``common.outcomes``) that the transfers read too. Across those retries this process trusts what it verified or
 wrote itself (the download's segments, the update) rather than reading it back.
 """
 
