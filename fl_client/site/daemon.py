@@ -11,8 +11,9 @@ when a new task starts: their rounds are over.
 A task that fails for a reason that may pass (a transfer, the disk, a busy server) is
 taken up again after a pause that grows with each failure of that task
 (``fl_client.site.retry``); which failures those are, and which give the task up or
-drop it, is one table (``common.outcomes``) that the transfers read too. Across those retries this process trusts what it verified or
-wrote itself (the download's segments, the update) rather than reading it back.
+drop it, is one table (``common.outcomes``) that the transfers read too. Across those
+retries this process trusts what it verified or wrote itself (the download's segments,
+the update) rather than reading it back.
 """
 
 from __future__ import annotations
