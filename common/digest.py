@@ -11,6 +11,18 @@ from collections.abc import Sequence
 
 import xxhash
 
+# the cut of a file into segments lives with the rest of the segment protocol; these
+# names stay importable from here for the code that hashes segments
+from common.segments import segment_count, segment_range
+
+__all__ = [
+    "SegmentHasher",
+    "segment_count",
+    "segment_digest",
+    "segment_range",
+    "whole_digest",
+]
+
 
 def segment_digest(data: bytes | memoryview) -> str:
     return str(xxhash.xxh3_64_hexdigest(data))
@@ -18,16 +30,6 @@ def segment_digest(data: bytes | memoryview) -> str:
 
 def whole_digest(segment_digests: Sequence[str]) -> str:
     return str(xxhash.xxh3_128_hexdigest("\n".join(segment_digests).encode("ascii")))
-
-
-def segment_count(total_bytes: int, segment_bytes: int) -> int:
-    return max(1, -(-total_bytes // segment_bytes))
-
-
-def segment_range(index: int, total_bytes: int, segment_bytes: int) -> tuple[int, int]:
-    """Byte range [start, end) of segment ``index`` of a file of ``total_bytes``."""
-    start = index * segment_bytes
-    return start, min(total_bytes, start + segment_bytes)
 
 
 class SegmentHasher:

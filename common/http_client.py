@@ -2,10 +2,12 @@
 
 aiohttp's own ``ClientTimeout.total`` (5 minutes by default) would kill any long
 transfer, so it is off; every call runs under ``ProgressTimer`` instead. Foreign errors
-(aiohttp, OSError) become ``TransferError`` here and nowhere else (``TlsError`` when a
-TLS handshake was refused, naming why); the server's error bodies become the same
-``FLError`` class they were on the server. With a ``tls:`` section the session presents
-this party's certificate and trusts only the project CA.
+(aiohttp, OSError, a ``TimeoutError`` of the socket) become ``TransferError`` here and
+nowhere else, in ``map_transport_errors``, which every request and stream of a site or
+an admin runs in (``TlsError`` when a TLS handshake was refused, naming why); the
+server's error bodies become the same ``FLError`` class they were on the server. With a
+``tls:`` section the session presents this party's certificate and trusts only the
+project CA.
 
 Model bytes never come through here. Every other body is small, and is read whole only
 up to a bound: a JSON reply up to ``JSON_REPLY_MAX_BYTES``, with a wide margin over the
@@ -16,15 +18,17 @@ or one that does not parse as the protocol's, is a ``ProtocolError``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
+from collections.abc import Iterator
 from typing import TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from common.config import MIB, TlsFiles
-from common.errors import FLError, ProtocolError, TlsError, TransferError, from_wire
+from common.errors import ProtocolError, TlsError, TransferError, from_wire
 from common.timeouts import ProgressTimer, Stage, Timeouts
 from common.tls import client_context, describe_handshake_failure, is_handshake_refusal
 from common.wire import CLIENT_HEADER
@@ -75,6 +79,22 @@ def tls_failure(exc: BaseException, base_url: str) -> TlsError | None:
 def transport_error(exc: BaseException, base_url: str, message: str) -> TransferError:
     """``exc`` (aiohttp, OSError) as the project's error: ``TlsError`` or ``message``."""
     return tls_failure(exc, base_url) or TransferError(message)
+
+
+@contextlib.contextmanager
+def map_transport_errors(base_url: str, what: str) -> Iterator[None]:
+    """Translate the transport's errors raised inside into ``TransferError``.
+
+    ``what`` names the request (``GET /v1/...``, ``download of segment 3 of m``); the
+    message adds the transport's own words. The project's errors pass as they are:
+    a ``StorageError`` of the disk a body is written to, the ``TransferTimeout`` of a
+    progress timer. ``TimeoutError`` is an ``OSError``: aiohttp's socket timeouts land
+    here too.
+    """
+    try:
+        yield
+    except (aiohttp.ClientError, OSError) as exc:
+        raise transport_error(exc, base_url, f"{what} failed: {exc!r}") from exc
 
 
 async def raise_for_error(resp: aiohttp.ClientResponse) -> None:
@@ -149,7 +169,7 @@ class Api:
         timeout = self.timeouts.communication_timeout
         waiting = None if timeout is None else timeout + wait_s
         what = f"{method} {path}"
-        try:
+        with map_transport_errors(self.base_url, f"{what} to {self.base_url}"):
             async with ProgressTimer(
                 timeout, stage=Stage.SENDING, peer=self.base_url, what=what
             ) as timer:
@@ -164,12 +184,6 @@ class Api:
                     timer.enter(Stage.RECEIVING, timeout)
                     await raise_for_error(resp)
                     raw = await read_bounded(resp, JSON_REPLY_MAX_BYTES, what, timer)
-        except FLError:
-            raise
-        except (aiohttp.ClientError, OSError) as exc:
-            raise transport_error(
-                exc, self.base_url, f"{what} to {self.base_url} failed: {exc!r}"
-            ) from exc
         if reply is None:
             return None
         return parse_reply(reply, raw, what)

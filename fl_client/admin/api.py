@@ -25,7 +25,7 @@ from pydantic import RootModel
 from common import wire
 from common.config import JobConfig
 from common.errors import ModelFormatError, ProtocolError, StorageError, TransferError
-from common.http_client import Api, raise_for_error, transport_error
+from common.http_client import Api, map_transport_errors, raise_for_error
 from common.modelio import read_layout
 from common.streams import body_pieces
 from common.timeouts import ProgressTimer, Stage
@@ -126,24 +126,21 @@ async def download_model(api: Api, job_id: str, dest: Path, *, round: int | None
     model_bytes = (await job_status(api, job_id)).job.model_bytes  # 0: not known yet
     file = await asyncio.to_thread(_open_part, part)
     try:
-        async with (
-            ProgressTimer(timeout, stage=Stage.WAITING, peer=api.base_url, what=what) as t,
-            api.session.get(api.url(path), params=params) as resp,
-        ):
-            t.enter(Stage.RECEIVING, timeout)
-            await raise_for_error(resp)
-            written = await _stream_body(resp, file, part, t, model_bytes or None, what)
-            expected = resp.content_length
+        with map_transport_errors(api.base_url, f"{what} from {api.base_url}"):
+            async with (
+                ProgressTimer(timeout, stage=Stage.WAITING, peer=api.base_url, what=what) as t,
+                api.session.get(api.url(path), params=params) as resp,
+            ):
+                t.enter(Stage.RECEIVING, timeout)
+                await raise_for_error(resp)
+                written = await _stream_body(resp, file, part, t, model_bytes or None, what)
+                expected = resp.content_length
         if expected is not None and written != expected:
             raise TransferError(f"{what}: body ended after {written} of {expected} bytes")
         await asyncio.to_thread(_finish, file, part, dest, model_bytes, what)
-    except BaseException as exc:
+    except BaseException:
         # A close and an unlink: done inline so a second cancellation cannot skip them.
         _discard(file, part)
-        if isinstance(exc, aiohttp.ClientError | OSError):
-            raise transport_error(
-                exc, api.base_url, f"{what} from {api.base_url} failed: {exc}"
-            ) from exc
         raise
     return written
 

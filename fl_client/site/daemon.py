@@ -10,8 +10,10 @@ when a new task starts: their rounds are over.
 
 A task that fails for a reason that may pass (a transfer, the disk, a busy server) is
 taken up again after a pause that grows with each failure of that task
-(``fl_client.site.retry``). Across those retries this process trusts what it verified or
-wrote itself (the download's segments, the update) rather than reading it back.
+(``fl_client.site.retry``); which failures those are, and which give the task up or
+drop it, is one table (``common.outcomes``) that the transfers read too. Across those
+retries this process trusts what it verified or wrote itself (the download's segments,
+the update) rather than reading it back.
 """
 
 from __future__ import annotations
@@ -23,20 +25,14 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import assert_never
 
 from common import logctx
 from common.config import ClientConfig
-from common.errors import (
-    Conflict,
-    FLError,
-    ModelFormatError,
-    StorageError,
-    TaskExpired,
-    TransferError,
-    UpdateRejected,
-)
+from common.errors import FLError, ModelFormatError
 from common.http_client import Api, make_session
 from common.modelio import ModelReader, ModelWriter, same_head
+from common.outcomes import Outcome, outcome
 from common.recycle import FilePool
 from common.storage import is_disk_error, on_disk, storage_error
 from common.tensorfile import Manifest
@@ -56,6 +52,7 @@ from fl_client.site.taskdir import (
 from fl_client.site.trainer import TrainContext, Trainer, TrainerFailed, TrainResult, load_trainer
 from fl_client.site.transfer import (
     Interrupted,
+    TransferContext,
     Verified,
     commit_update,
     download_model,
@@ -140,7 +137,7 @@ def _train(
         with writer:
             try:
                 result = trainer.train(reader, writer, ctx)
-            except (Interrupted, FLError):
+            except FLError:  # Interrupted (the daemon stops) among them
                 raise
             except Exception as exc:
                 if is_disk_error(exc):  # the update's disk is full: not the plugin's fault
@@ -180,10 +177,18 @@ class ClientDaemon:
             identity=self.cfg.name, connections=self.cfg.transfer.window + 4, tls=self.cfg.tls
         ) as session:
             api = Api(session, self.cfg.server_url, self.cfg.timeouts)
+            transfers = TransferContext(
+                api,
+                self.cfg.transfer,
+                self.progress.add,
+                self.stopping,
+                self.metrics,
+                self.pool,
+            )
             log.info("fl-client %s started; server %s", self.cfg.name, self.cfg.server_url)
             async with asyncio.TaskGroup() as tg:
                 beat = tg.create_task(self._heartbeats(api))
-                work = tg.create_task(self._work_loop(api))
+                work = tg.create_task(self._work_loop(transfers))
                 ticker = tg.create_task(self.progress.logger.run(self.progress))
                 await stop.wait()
                 log.info("fl-client %s stopping: finishing segments in flight", self.cfg.name)
@@ -218,7 +223,8 @@ class ClientDaemon:
                 log.debug("heartbeat failed: %s", err.message)
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
-    async def _work_loop(self, api: Api) -> None:
+    async def _work_loop(self, transfers: TransferContext) -> None:
+        api = transfers.api
         reconnect_s = FIRST_RETRY_S
         retry = TaskBackoff(max_s=self.cfg.retry_backoff_max_s)
         while not self.stopping.is_set():
@@ -246,22 +252,45 @@ class ClientDaemon:
                 continue
             task_id = reply.task.task_id
             bound = logctx.bind(job=reply.task.job_id, round=reply.task.round, task=task_id)
-            pause_s = 0.0
+            pause_s: float | None = 0.0
             try:
-                await self._do_task(api, reply.task)
+                await self._do_task(transfers, reply.task)
                 retry.reset()
-            except Interrupted as exc:
-                log.info("task %s paused: %s", task_id, exc)
+            except FLError as err:
+                pause_s = await self._after_failure(api, task_id, err, retry)
+            finally:
+                self.progress.idle()
+                logctx.reset(bound)
+                self._last_task_end = time.monotonic()
+            if pause_s is None:
                 return
-            except TaskExpired as err:
+            if pause_s:
+                await self._pause(pause_s)
+
+    async def _after_failure(
+        self, api: Api, task_id: str, err: FLError, retry: TaskBackoff
+    ) -> float | None:
+        """Act on ``err`` as the outcome table says (``common.outcomes``).
+
+        Returns the pause before the task is taken up again (0 for none), or None when
+        the daemon stops. A task that is over (given up, gone) resets the backoff.
+        """
+        then = outcome(err)
+        match then:
+            case Outcome.STOP:
+                log.info("task %s paused: %s", task_id, err.message)
+                return None
+            case Outcome.DROP:
                 log.warning("%s", err.message)
                 retry.reset()
                 await asyncio.to_thread(drop_folder, self.tasks_dir / task_id, self.pool)
-            except (UpdateRejected, TrainerFailed, ModelFormatError) as err:
+                return 0.0
+            case Outcome.GIVE_UP:
                 log.error("task %s cannot be completed: %s", task_id, err.message)
                 retry.reset()
                 await self._give_up(api, task_id, err.message)
-            except StorageError as err:
+                return 0.0
+            case Outcome.DISK:
                 pause_s = retry.failed(task_id)
                 log.error(
                     "task %s: this site's disk failed: %s; trying again in %.1f s (free space "
@@ -271,25 +300,25 @@ class ClientDaemon:
                     pause_s,
                     self.cfg.workspace,
                 )
-            except Conflict as err:
+                return pause_s
+            case Outcome.CONFLICT:
                 pause_s = retry.failed(task_id)
                 log.warning("task %s: %s; trying again in %.1f s", task_id, err.message, pause_s)
-            except TransferError as err:
+                return pause_s
+            case Outcome.RESUME | Outcome.RETRY_SEGMENT:  # the latter only inside a transfer
                 pause_s = retry.failed(task_id)
                 log.warning(
                     "task %s interrupted: %s; will resume in %.1f s", task_id, err.message, pause_s
                 )
-            except FLError as err:
+                return pause_s
+            case Outcome.RETRY_TASK:
                 pause_s = retry.failed(task_id)
                 log.error(
                     "task %s failed: %s; trying again in %.1f s", task_id, err.message, pause_s
                 )
-            finally:
-                self.progress.idle()
-                logctx.reset(bound)
-                self._last_task_end = time.monotonic()
-            if pause_s:
-                await self._pause(pause_s)
+                return pause_s
+            case _:
+                assert_never(then)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep about ``seconds``, or until the daemon is told to stop."""
@@ -311,7 +340,8 @@ class ClientDaemon:
             self._download = (task_id, Verified())
         return self._download[1]
 
-    async def _do_task(self, api: Api, task: Task) -> None:
+    async def _do_task(self, transfers: TransferContext, task: Task) -> None:
+        api = transfers.api
         files = TaskFiles(self.tasks_dir / task.task_id)
         await asyncio.to_thread(forget_others, self.tasks_dir, task.task_id, self.pool)
         await asyncio.to_thread(make_dir, "task folder", files.folder)
@@ -332,20 +362,16 @@ class ClientDaemon:
         elif saved is not None and check:
             log.info("%s: resuming with the update trained before (it matches its record)", ids)
         if saved is None:
-            saved = await self._download_and_train(api, task, files, ids)
+            saved = await self._download_and_train(transfers, task, files, ids)
         # the input model (there is none left after an in-place trainer) is no longer
         # needed: the next download writes over it
         await asyncio.to_thread(self.pool.retire, files.model)
         self.progress.start(task.task_id, Phase.UPLOADING, saved.manifest.file_size)
         await upload_update(
-            api,
+            transfers,
             task.task_id,
             files.update,
             saved.manifest,
-            self.cfg.transfer,
-            self.progress.add,
-            self.stopping,
-            self.metrics,
             num_samples=saved.result.num_samples,
         )
         result = saved.result
@@ -358,23 +384,14 @@ class ClientDaemon:
         await asyncio.to_thread(drop_folder, files.folder, self.pool)
 
     async def _download_and_train(
-        self, api: Api, task: Task, files: TaskFiles, ids: str
+        self, transfers: TransferContext, task: Task, files: TaskFiles, ids: str
     ) -> SavedUpdate:
         man = task.manifest
         # before the download: a plugin this site cannot load should not cost a model
         trainer = await asyncio.to_thread(load_trainer, task.trainer, self.cfg.allowed_trainers)
         self.progress.start(task.task_id, Phase.DOWNLOADING, man.file_size)
         await download_model(
-            api,
-            task.model_url,
-            man,
-            files.model,
-            self.cfg.transfer,
-            self.progress.add,
-            self.stopping,
-            self.metrics,
-            self._verified_download(task.task_id),
-            self.pool,
+            transfers, task.model_url, man, files.model, self._verified_download(task.task_id)
         )
         log.info("%s: model downloaded and verified", ids)
         self.progress.start(task.task_id, Phase.TRAINING, man.file_size)

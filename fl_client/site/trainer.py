@@ -33,9 +33,11 @@ import numpy as np
 from common.config import BUILTIN_TRAINER, MIB, AddEpsilonParams, TrainerSpec
 from common.errors import FLError
 from common.modelio import ModelReader, ModelWriter
+from common.outcomes import Outcome, decided
 from common.tensorfile import element_window
 
 
+@decided(Outcome.GIVE_UP)  # the same trainer fails the same way: tell the server
 class TrainerFailed(FLError):
     """The trainer plugin raised or returned something unusable; the site reports it."""
 

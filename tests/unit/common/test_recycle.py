@@ -14,7 +14,7 @@ from aiohttp import web
 from common.config import TransferSettings
 from common.modelio import ModelWriter
 from common.recycle import FilePool
-from fl_client.site.transfer import Verified, download_model
+from fl_client.site.transfer import TransferContext, Verified, download_model
 from tests.fakeserver import file_ranges, make_model, serve
 
 
@@ -149,18 +149,8 @@ async def test_a_download_into_a_spare_trusts_none_of_its_stale_bytes(tmp_path: 
 
     settings = TransferSettings(window=2, max_segment_attempts=1)
     async with serve({("GET", "/model"): model}) as api:
-        await download_model(
-            api,
-            "/model",
-            man,
-            dest,
-            settings,
-            lambda _: None,
-            asyncio.Event(),
-            None,
-            Verified(),
-            pool,
-        )
+        ctx = TransferContext(api, settings, lambda _: None, asyncio.Event(), None, pool)
+        await download_model(ctx, "/model", man, dest, Verified())
     assert len(fetched) == man.num_segments  # every segment fetched: none trusted
     assert dest.read_bytes() == source.read_bytes()
     assert pool.spares() == []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.api_client import _open_in_thread
+from fl_server.intake import _open_in_thread
 
 
 async def test_a_descriptor_opened_after_the_handler_was_cancelled_is_closed(

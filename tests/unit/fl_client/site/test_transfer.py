@@ -14,11 +14,17 @@ from aiohttp import web
 
 from common.config import MIB, TransferSettings
 from common.errors import IntegrityError, ProtocolError, StorageError
-from common.http_client import JSON_REPLY_MAX_BYTES
-from common.modelio import hash_file_segments
+from common.http_client import JSON_REPLY_MAX_BYTES, Api
+from common.modelio import hash_file_segments as real_hash
 from common.wire import UPLOAD_SEGMENT, UPLOAD_STATUS, HeartbeatReply, UploadStatus
-from fl_client.site import transfer
-from fl_client.site.transfer import ACK_MAX_BYTES, Verified, download_model, upload_update
+from fl_client.site import download
+from fl_client.site.transfer import (
+    ACK_MAX_BYTES,
+    TransferContext,
+    Verified,
+    download_model,
+    upload_update,
+)
 from tests.fakeserver import Handler, file_ranges, make_model, serve
 
 ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
@@ -26,6 +32,10 @@ ONE_TRY = TransferSettings(window=1, max_segment_attempts=1)
 
 def _ignore(_: int) -> None:
     pass
+
+
+def _context(api: Api, settings: TransferSettings) -> TransferContext:
+    return TransferContext(api, settings, _ignore, asyncio.Event())
 
 
 async def _endless_json(request: web.Request) -> web.StreamResponse:
@@ -81,7 +91,7 @@ async def test_malformed_or_oversized_ack_is_a_protocol_error(tmp_path: Path, ac
     }
     async with serve(routes) as api:
         with pytest.raises(ProtocolError, match="upload of segment 0 of task t1"):
-            await upload_update(api, "t1", update, man, ONE_TRY, _ignore, asyncio.Event())
+            await upload_update(_context(api, ONE_TRY), "t1", update, man)
 
 
 async def test_full_disk_during_a_download_is_a_storage_error_not_retried(
@@ -104,7 +114,7 @@ async def test_full_disk_during_a_download_is_a_storage_error_not_retried(
     settings = TransferSettings(window=1, max_segment_attempts=5)
     async with serve({("GET", "/model"): model}) as api:
         with pytest.raises(StorageError) as err:
-            await download_model(api, "/model", man, dest, settings, _ignore, asyncio.Event())
+            await download_model(_context(api, settings), "/model", man, dest)
     assert err.value.message == (f"download {dest}.part: cannot write: No space left on device")
     assert len(fetched) == 1  # one try: a full disk is not cured by fetching again
 
@@ -126,23 +136,20 @@ async def test_a_retry_in_the_same_process_trusts_the_segments_it_verified(
             return web.Response(status=206, body=b"\0" * 8192)
         return await serve_range(request)
 
-    real_hash = hash_file_segments
     hashed: list[list[int]] = []
 
     def counting_hash(path: Path, segment_bytes: int, indices: list[int]) -> dict[int, str]:
         hashed.append(list(indices))
         return real_hash(path, segment_bytes, indices)
 
-    monkeypatch.setattr(transfer, "hash_file_segments", counting_hash)
+    monkeypatch.setattr(download, "hash_file_segments", counting_hash)
     dest = tmp_path / "site" / "model.safetensors"
     settings = TransferSettings(window=1, max_segment_attempts=1)
     verified = Verified()
     async with serve({("GET", "/model"): model}) as api:
 
         async def attempt(known: Verified) -> None:
-            await download_model(
-                api, "/model", man, dest, settings, _ignore, asyncio.Event(), verified=known
-            )
+            await download_model(_context(api, settings), "/model", man, dest, verified=known)
 
         with pytest.raises(IntegrityError):
             await attempt(verified)
