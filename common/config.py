@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationInfo,
@@ -382,6 +383,23 @@ class TrainerSpec(_Frozen):
         return self
 
 
+class KeepRounds(_Frozen):
+    """Which global models a job keeps on the server's disk. Each round writes a model;
+    the default keeps the initial one, the last ``last`` rounds before the newest, and
+    the newest (the final model once the job is done): a number that does not grow
+    with the number of rounds."""
+
+    initial: bool = Field(True, description="Keep the initial model (round 0).")
+    last: NonNegativeInt = Field(
+        1,
+        le=100_000,
+        description="Rounds kept before the newest one (the newest, final, is always kept).",
+    )
+    every: PositiveInt | None = Field(
+        None, le=100_000, description="Also keep every N-th round (N, 2N, ...); null: none."
+    )
+
+
 class JobConfig(_Frozen):
     name: SiteName
     num_rounds: PositiveInt = Field(le=100_000)
@@ -401,6 +419,10 @@ class JobConfig(_Frozen):
     )
     model: Annotated[GeneratedModel | FileModel, Field(discriminator="kind")]
     trainer: TrainerSpec = TrainerSpec()
+    keep: KeepRounds = Field(
+        KeepRounds(),
+        description="Which rounds' global models stay on the server (see `keep:` below).",
+    )
 
     @model_validator(mode="after")
     def _enough_clients(self) -> JobConfig:

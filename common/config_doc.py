@@ -19,6 +19,7 @@ from common.config import (
     FileModel,
     GeneratedModel,
     JobConfig,
+    KeepRounds,
     ServerConfig,
     ServerLimits,
     TlsFiles,
@@ -40,6 +41,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("`model:` with `kind: file`", FileModel, "model."),
     ("`trainer:`", TrainerSpec, "trainer."),
     ("`trainer.params` of `add_epsilon`", AddEpsilonParams, "trainer.params."),
+    ("`keep:` (job file): the global models kept on the server", KeepRounds, "keep."),
 ]
 
 

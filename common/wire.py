@@ -167,6 +167,11 @@ class JobInfo(_Wire):
     model_bytes: int = 0
 
 
+class JobDeleted(_Wire):
+    job_id: str
+    deleted: Literal[True] = True
+
+
 class JobStatus(_Wire):
     job: JobInfo
     rounds: list[RoundInfo]

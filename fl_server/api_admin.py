@@ -1,4 +1,5 @@
-"""Handlers for admins: submit, list, status, abort, download a job's model, list clients."""
+"""Handlers for admins: submit, list, status, abort, delete, download a job's model, list
+clients."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import time
 
 from aiohttp import web
 
-from common.config import FileModel
-from common.errors import ConfigError, NotFound, RequestError
+from common.errors import Conflict, NotFound, RequestError
 from common.wire import (
     ClientInfo,
+    JobDeleted,
     JobInfo,
     JobStatus,
     JobSubmitted,
@@ -19,13 +20,14 @@ from common.wire import (
     TaskInfo,
     TaskState,
 )
+from fl_server import jobcheck
 from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, WORKSPACE
+from fl_server.core import disk
 from fl_server.core.rules import is_alive
-from fl_server.core.transitions import RoundState
+from fl_server.core.transitions import TERMINAL_JOB_STATES, RoundState
 from fl_server.filesend import send_file
 from fl_server.http_util import json_reply, read_json
 from fl_server.metrics import METRICS
-from fl_server.modelgen import model_source
 from fl_server.state import JobRow
 
 
@@ -45,15 +47,29 @@ def _job_info(job: JobRow, num_rounds: int) -> JobInfo:
 
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, SubmitJob)
-    model = body.config.model
-    if isinstance(model, FileModel):
-        source = model_source(model, request.app[CONFIG].allowed_model_dirs)
-        if not await asyncio.to_thread(source.is_file):
-            raise ConfigError(
-                f"model.path: {model.path} is not a file on the server", field="model.path"
-            )
-    job_id = await request.app[RUNNER].submit(body.config)
+    cfg, runner, ws = body.config, request.app[RUNNER], request.app[WORKSPACE]
+    # the sites whose updates the server may spool at once
+    connected = len(await runner.alive_clients(cfg.clients))
+    sites = max(cfg.min_clients, len(cfg.clients) if cfg.clients is not None else connected)
+    dirs = request.app[CONFIG].allowed_model_dirs
+    await asyncio.to_thread(jobcheck.check_fits, cfg, ws.root, dirs, sites)
+    job_id = await runner.submit(cfg)
     return json_reply(JobSubmitted(job_id=job_id), status=201)
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    """Delete an ended job: its records and every file of it. A job still pending or
+    running is refused (409): abort it first."""
+    db, runner = request.app[DB], request.app[RUNNER]
+    job = await db.run(db.get_job, request.match_info["job_id"])
+    if job.state not in TERMINAL_JOB_STATES:
+        raise Conflict(
+            f"job {job.job_id} is {job.state.value}; abort it first (fl-admin abort "
+            f"{job.job_id}), then delete it",
+            field="job_id",
+        )
+    await runner.delete(job.job_id)
+    return json_reply(JobDeleted(job_id=job.job_id))
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -124,10 +140,18 @@ async def job_model(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise RequestError("query parameter 'round' must be an integer", field="round") from None
     path = request.app[WORKSPACE].model_path(job.job_id, rnd)
-    if rnd < 0 or rnd > job.round_done or not await asyncio.to_thread(path.is_file):
+    if rnd < 0 or rnd > job.round_done:
         raise NotFound(
             f"job {job.job_id} has no global model for round {rnd} "
             f"(rounds completed: {job.round_done})",
+            field="round",
+        )
+    if not await asyncio.to_thread(path.is_file):
+        keep = (await request.app[RUNNER].job_config(job.job_id)).keep
+        raise NotFound(
+            f"job {job.job_id} did not keep the global model of round {rnd}: it keeps rounds "
+            f"{', '.join(map(str, sorted(disk.kept(keep, job.round_done))))} "
+            f"(keep: in the job file)",
             field="round",
         )
     timeout = request.app[CONFIG].timeouts.communication_timeout

@@ -63,6 +63,15 @@ class JobBook:
             self._manifests[key] = man
         return man
 
+    def forget_manifest(self, job_id: str, rnd: int) -> None:
+        self._manifests.pop((job_id, rnd), None)
+
+    def forget(self, job_id: str) -> None:
+        """Drop what is cached of a deleted job."""
+        self._configs.pop(job_id, None)
+        for key in [k for k in self._manifests if k[0] == job_id]:
+            del self._manifests[key]
+
     async def notify_tasks(self) -> None:
         async with self.tasks_changed:
             self.tasks_changed.notify_all()

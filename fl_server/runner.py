@@ -28,7 +28,7 @@ from common.config import ServerConfig
 from common.errors import Conflict, FLError
 from common.storage import on_disk
 from common.wire import JobState, TaskState
-from fl_server.core import rules
+from fl_server.core import disk, rules
 from fl_server.core.transitions import TERMINAL_JOB_STATES, JobEvent
 from fl_server.jobs import JobBook
 from fl_server.modelgen import prepare_initial
@@ -80,9 +80,24 @@ class JobRunner(JobBook):
         self.poke(job_id)
         log.info("job %s aborted by admin", job_id)
 
+    async def delete(self, job_id: str) -> None:
+        """Delete an ended job's records and files (see ``Workspace.delete_job``)."""
+        await asyncio.to_thread(self.ws.delete_job, job_id, lambda: self.db.delete_job(job_id))
+        self.forget(job_id)
+        log.info("job %s deleted by admin", job_id)
+
+    async def _drop_models(self, job_id: str, done: int) -> None:
+        """The models the job's ``keep:`` no longer keeps once round ``done`` closed."""
+        keep = (await self.job_config(job_id)).keep
+        gone = disk.dropped(keep, done, range(done))
+        for rnd in gone:
+            self.forget_manifest(job_id, rnd)
+        await asyncio.to_thread(self.ws.drop_models, job_id, gone)
+
     # the job loops
     async def run(self) -> None:
         try:
+            await asyncio.to_thread(self.ws.remove_leftovers)
             async with asyncio.TaskGroup() as tg:
                 for job in await self.db.run(self.db.list_jobs):
                     if job.state in UNFINISHED_JOB_STATES:
@@ -193,6 +208,7 @@ class JobRunner(JobBook):
             )
             if not await driver.run():
                 return
+            await self._drop_models(job_id, rnd)
 
     async def _wait_for_clients(self, job_id: str) -> bool:
         """Hold the round until ``min_clients`` admitted sites are connected."""

@@ -178,6 +178,18 @@ class StateDB:
                 lambda: _no_job(job_id),
             )
 
+    def delete_job(self, job_id: str) -> None:
+        """Forget the job: its row, its rounds, its tasks and their segments."""
+        with self._tx() as c:
+            c.execute(
+                "DELETE FROM segments WHERE task_id IN "
+                "(SELECT task_id FROM tasks WHERE job_id = ?)",
+                (job_id,),
+            )
+            c.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
+            c.execute("DELETE FROM rounds WHERE job_id = ?", (job_id,))
+            c.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
     def set_model_bytes(self, job_id: str, nbytes: int) -> None:
         with self._tx() as c:
             c.execute("UPDATE jobs SET model_bytes = ? WHERE job_id = ?", (nbytes, job_id))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from common.errors import ConfigError
@@ -14,6 +17,8 @@ from common.tensorfile import Manifest
 # spools and accumulators of a round kept for the next round to write over; the round
 # trims it to its own count (see JobRunner), this only bounds it
 MAX_SPARES = 64
+# a job folder being deleted is renamed to this prefix first
+DELETED_PREFIX = ".deleted-"
 
 
 class Workspace:
@@ -76,6 +81,29 @@ class Workspace:
 
     def spool_path(self, job_id: str, rnd: int, task_id: str) -> Path:
         return self.round_dir(job_id, rnd) / "spool" / f"{task_id}.safetensors"
+
+    def drop_models(self, job_id: str, rounds: Iterable[int]) -> None:
+        """Delete the global models (and manifests) of these rounds, where they exist."""
+        for rnd in rounds:
+            self.model_path(job_id, rnd).unlink(missing_ok=True)
+            self.manifest_path(job_id, rnd).unlink(missing_ok=True)
+
+    def delete_job(self, job_id: str, records: Callable[[], None]) -> None:
+        """Delete a job's folder and, in between, its ``records``: the folder is first
+        renamed (atomic), so a crash leaves either the job whole or a leftover that
+        ``remove_leftovers`` clears, never records without their files."""
+        trash = self.root / "jobs" / f"{DELETED_PREFIX}{job_id}"
+        with contextlib.suppress(FileNotFoundError):
+            self.job_dir(job_id).rename(trash)
+        records()
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def remove_leftovers(self) -> None:
+        """Folders of deletions a crash interrupted."""
+        with contextlib.suppress(FileNotFoundError):
+            for d in (self.root / "jobs").iterdir():
+                if d.name.startswith(DELETED_PREFIX):
+                    shutil.rmtree(d, ignore_errors=True)
 
     def save_manifest(self, job_id: str, rnd: int, manifest: Manifest) -> None:
         path = self.manifest_path(job_id, rnd)

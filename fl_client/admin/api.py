@@ -75,6 +75,11 @@ async def abort(api: Api, job_id: str) -> wire.JobInfo:
     return _required(reply, "abort")
 
 
+async def delete(api: Api, job_id: str) -> wire.JobDeleted:
+    reply = await api.call("DELETE", _job_path(wire.JOB, job_id), wire.JobDeleted)
+    return _required(reply, "delete")
+
+
 async def list_clients(api: Api) -> ClientList:
     return _required(await api.call("GET", wire.CLIENTS, ClientList), "list clients")
 

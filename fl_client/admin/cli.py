@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
     p = sub.add_parser("abort", help="abort a job")
     p.add_argument("job_id", metavar="JOB_ID")
+    p = sub.add_parser(
+        "delete", help="delete an ended job and all its files on the server (abort it first)"
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
     p = sub.add_parser("download", help="download a job's global model")
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("-o", "--output", metavar="FILE", type=Path, required=True)
@@ -206,6 +210,15 @@ async def cmd_watch(a: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_delete(a: Api, args: argparse.Namespace) -> int:
+    gone = await api.delete(a, args.job_id)
+    if args.json:
+        print_json(gone)
+    else:
+        print(f"job {gone.job_id}: deleted")
+    return 0
+
+
 async def cmd_abort(a: Api, args: argparse.Namespace) -> int:
     job = await api.abort(a, args.job_id)
     if args.json:
@@ -260,6 +273,7 @@ COMMANDS: dict[str, Command] = {
     "list": cmd_list,
     "status": cmd_status,
     "abort": cmd_abort,
+    "delete": cmd_delete,
     "download": cmd_download,
     "wait": cmd_wait,
     "watch": cmd_watch,
