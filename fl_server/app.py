@@ -24,6 +24,7 @@ from aiohttp import web
 from common import sdnotify, wire
 from common.config import ServerConfig
 from common.errors import FLError
+from common.storage import on_disk
 from fl_server import api_admin, api_client, metrics
 from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, UPLOADS, WORKSPACE
 from fl_server.auth import auth_middleware
@@ -47,7 +48,7 @@ def build_app(cfg: ServerConfig, ws: Workspace) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=1024 * 1024
     )
-    db = StateDB(ws.db_path)
+    db = StateDB.open_checked(ws.db_path, ws.root / "jobs")
     app[CONFIG] = cfg
     app[WORKSPACE] = ws
     app[DB] = db
@@ -84,12 +85,14 @@ async def _send_threads(app: web.Application) -> AsyncIterator[None]:
 
 async def serve(cfg: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT (returns 0) or until the job loops fail (returns 1)."""
-    ws = Workspace(cfg.workspace)
-    lock = ws.lock()
+    with on_disk("workspace", cfg.workspace, "use it"):
+        ws = Workspace(cfg.workspace)
+        lock = ws.lock()
     try:
         # spares from an earlier run: whatever job comes next may not need them
-        await asyncio.to_thread(ws.spares.clear)
-        app = build_app(cfg, ws)
+        with on_disk("workspace", cfg.workspace, "use it"):
+            await asyncio.to_thread(ws.spares.clear)
+            app = build_app(cfg, ws)
         try:
             return await _serve(cfg, app)
         finally:

@@ -86,6 +86,12 @@ def _no_task(task_id: str) -> NotFound:
     return NotFound(f"no task with id {task_id!r}", field="task_id")
 
 
+DAMAGED_WAY_OUT = (
+    "restore it from a backup, or move it (and the jobs folder beside it) away to start "
+    "with no jobs"
+)
+
+
 class StateDB:
     """The server's state; a failing database (disk full, I/O error, corrupt file) is a
     ``StorageError`` naming the file: ``sqlite3`` errors never get past this class."""
@@ -93,12 +99,34 @@ class StateDB:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        with self._storage():
+        with self._storage(DAMAGED_WAY_OUT):
             self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            # damage anywhere in the file, found now rather than when a request reads it
+            problems = [str(r[0]) for r in self._conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                self._conn.close()
+                raise StorageError(
+                    f"state database {path} is damaged ({'; '.join(problems)}); " + DAMAGED_WAY_OUT
+                )
             self._conn.executescript(SCHEMA)
+
+    @classmethod
+    def open_checked(cls, path: Path, jobs_dir: Path) -> StateDB:
+        """Open the server's database, refusing a missing one while the workspace holds
+        jobs: starting empty would hide them (and their sites) without a word."""
+        if not path.exists() and jobs_dir.is_dir():
+            held = sorted(d.name for d in jobs_dir.iterdir() if not d.name.startswith("."))
+            if held:
+                raise StorageError(
+                    f"state database {path} is missing but {jobs_dir} holds the folders of "
+                    f"{len(held)} jobs ({', '.join(held[:3])}{' ...' if len(held) > 3 else ''}); "
+                    "restore state.db from a backup, or move the jobs folder away to start "
+                    "with no jobs"
+                )
+        return cls(path)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -108,11 +136,12 @@ class StateDB:
             self._conn.close()
 
     @contextmanager
-    def _storage(self) -> Iterator[None]:
+    def _storage(self, way_out: str = "") -> Iterator[None]:
         try:
             yield
         except sqlite3.Error as exc:
-            raise StorageError(f"state database {self.path}: {exc}") from exc
+            hint = f"; {way_out}" if way_out else ""
+            raise StorageError(f"state database {self.path}: {exc}{hint}") from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

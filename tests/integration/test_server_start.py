@@ -68,3 +68,53 @@ def test_job_loops_dying_stop_the_server_with_an_error(cluster: Cluster) -> None
     assert "stopping the server (exit status 1) so that it is restarted" in log, log
     assert "fl-server stopped after its job loops failed" in log, log
     assert "Traceback" not in log, log
+
+
+def _start_fails(cluster: Cluster, name: str) -> str:
+    """Start a server on the cluster's workspace that must refuse; its one-line reason."""
+    proc = _second_server(cluster, name)
+    try:
+        proc.popen.wait(30)
+    finally:
+        proc.stop()
+    assert proc.popen.returncode == 1, log_text(cluster, name)
+    return log_text(cluster, name)
+
+
+def test_a_missing_or_damaged_state_database_stops_the_server_at_start(cluster: Cluster) -> None:
+    cluster.start_server()
+    cluster.start_client("site-1")
+    job_id = cluster.submit(small_job(rounds=1, clients=1, tensors=2))
+    assert cluster.wait_job(job_id, timeout=60)["job"]["state"] == "finished", cluster.logs()
+    cluster.stop_all()
+    db = cluster.root / "server" / "state.db"
+    saved = db.read_bytes()
+
+    db.unlink()
+    for extra in ("state.db-wal", "state.db-shm"):
+        (cluster.root / "server" / extra).unlink(missing_ok=True)
+    said = _start_fails(cluster, "missing")
+    assert f"state database {db} is missing but {cluster.root / 'server' / 'jobs'}" in said, said
+    assert job_id in said and "restore state.db from a backup" in said, said
+    assert not db.exists()  # nothing was created in its place
+
+    # damage in the middle of the file: pages of the tables, not the header
+    damaged = bytearray(saved)
+    assert len(damaged) >= 3 * 4096, len(damaged)
+    damaged[4096 : 4096 * 2] = b"\xa5" * 4096
+    db.write_bytes(bytes(damaged))
+    said = _start_fails(cluster, "damaged")
+    assert f"state database {db}" in said and "restore it from a backup" in said, said
+    assert "Traceback" not in said, said
+
+    # the real file back: the server starts and has the job
+    db.write_bytes(saved)
+    cluster.start_server()
+    assert cluster.status(job_id)["job"]["state"] == "finished"
+
+
+def test_an_unusable_workspace_is_named_not_the_port(cluster: Cluster) -> None:
+    (cluster.root / "server").write_text("a file where the workspace should be\n")
+    said = _start_fails(cluster, "unusable")
+    assert f"workspace {cluster.root / 'server'}" in said, said
+    assert "cannot serve on" not in said, said
