@@ -9,6 +9,7 @@ what is wrong.
 from __future__ import annotations
 
 import ipaddress
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,8 @@ from pydantic import (
 from common.timeouts import DEFAULT_TRAIN_TIMEOUT_S, Timeouts
 
 MIB = 1024 * 1024
+# the largest model a file can hold: a 64-bit signed offset
+MAX_MODEL_BYTES = 2**63 - 1
 CONFIG_DIR = "config_dir"  # validation context: the directory of the file being loaded
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -36,7 +39,8 @@ PluginName = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # no infinity or NaN anywhere: a setting without a limit is null, never inf
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ServerTransferSettings(_Frozen):
@@ -348,6 +352,16 @@ class GeneratedModel(_Frozen):
     def _one_size(self) -> GeneratedModel:
         if (self.tensor_mib is None) == (self.tensor_shape is None):
             raise ValueError("give exactly one of tensor_mib or tensor_shape")
+        if self.tensor_shape is not None:
+            nbytes = self.num_tensors * math.prod(self.tensor_shape) * 8
+        else:
+            assert self.tensor_mib is not None
+            nbytes = self.num_tensors * int(self.tensor_mib * MIB)
+        if nbytes > MAX_MODEL_BYTES:
+            raise ValueError(
+                f"the model would be about {nbytes} bytes, more than a file can hold "
+                f"({MAX_MODEL_BYTES}, the 64-bit limit): give smaller tensors"
+            )
         return self
 
 

@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 
 from common.config import CONFIG_DIR
 from common.errors import ConfigError
+from common.safeload import DocumentTooComplex, load_yaml_text
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -118,9 +119,13 @@ def load_yaml(path: Path) -> object:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except DocumentTooComplex as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deep to read") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     return data

@@ -30,7 +30,13 @@ from common.errors import (
     ResumeMismatch,
     SegmentTooLong,
 )
-from common.wire import DIGEST_HEADER, NUM_SAMPLES_HEADER, SegmentAck, UploadStatus
+from common.wire import (
+    DIGEST_HEADER,
+    MAX_SAMPLES,
+    NUM_SAMPLES_HEADER,
+    SegmentAck,
+    UploadStatus,
+)
 
 # -- the cut ------------------------------------------------------------------------------
 
@@ -172,9 +178,10 @@ def parse_weight(raw: str | None) -> int | None:
         value = int(raw) if raw.isascii() and raw.isdigit() else 0
     except ValueError:  # beyond Python's limit on digits in a number
         value = 0
-    if value < 1:
+    if not 1 <= value <= MAX_SAMPLES:
         raise RequestError(
-            f"{NUM_SAMPLES_HEADER} must be a whole number of samples of at least 1, got {raw!r}",
+            f"{NUM_SAMPLES_HEADER} must be a whole number of samples of at least 1 and at most "
+            f"{MAX_SAMPLES}, got {raw[:40]!r}",
             field=NUM_SAMPLES_HEADER,
         )
     return value

@@ -35,7 +35,7 @@ DEFAULT_TRAIN_TIMEOUT_S = 3600.0
 class Timeouts(BaseModel):
     """Transfer timeouts shared by server and client; ``null`` in YAML means no limit."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     communication_timeout: PositiveFloat | None = Field(
         DEFAULT_COMMUNICATION_TIMEOUT_S,

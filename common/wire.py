@@ -40,8 +40,14 @@ CLIENTS = API + "/admin/clients"
 HEALTH = API + "/health"
 
 
+# the largest count a byte or sample field takes: the database's 64-bit integers
+MAX_COUNT = 2**63 - 1
+# the largest sample count: weights are summed in float64, exact for integers up to 2**53
+MAX_SAMPLES = 2**53
+
+
 class _Wire(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class JobState(enum.StrEnum):
@@ -70,8 +76,8 @@ class Phase(enum.StrEnum):
 class Heartbeat(_Wire):
     task_id: str | None = None
     phase: Phase = Phase.IDLE
-    bytes_done: NonNegativeInt = 0
-    bytes_total: NonNegativeInt = 0
+    bytes_done: NonNegativeInt = Field(0, le=MAX_COUNT)
+    bytes_total: NonNegativeInt = Field(0, le=MAX_COUNT)
 
 
 class HeartbeatReply(_Wire):
@@ -112,8 +118,8 @@ class SegmentAck(_Wire):
 
 class CommitRequest(_Wire):
     digest: str = Field(min_length=1)
-    num_samples: PositiveInt
-    metrics: dict[str, float] = Field(default_factory=dict)
+    num_samples: PositiveInt = Field(le=MAX_SAMPLES)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=1000)
 
 
 class TaskFailure(_Wire):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from aiohttp import web
@@ -115,9 +116,13 @@ async def get_task(request: web.Request) -> web.Response:
     if client != request.match_info["client"]:
         raise Forbidden(f"caller {client!r} cannot ask for another client's tasks")
     try:
-        wait_s = min(float(request.query.get("wait", "0")), cfg.long_poll_s)
+        wait_s = min(float(request.query.get("wait", "0")[:32]), cfg.long_poll_s)
     except ValueError:
-        raise RequestError("query parameter 'wait' must be a number of seconds") from None
+        wait_s = math.nan
+    if not wait_s >= 0:  # NaN too
+        raise RequestError(
+            "query parameter 'wait' must be a number of seconds, 0 or more", field="wait"
+        )
     deadline = time.monotonic() + max(0.0, wait_s)
     with request.app[LIMITS].long_polls.hold(client):
         while True:

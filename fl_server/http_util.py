@@ -10,7 +10,9 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from common.config_load import yaml_path
 from common.errors import FLError, Forbidden, RequestError
+from common.safeload import DocumentTooComplex, check_depth
 from common.wire import CLIENT_HEADER
 from fl_server.app_keys import CALLER, CONFIG
 
@@ -64,13 +66,18 @@ async def read_json(request: web.Request, model: type[M]) -> M:
             raise _too_large(None)
     try:
         data = json.loads(raw or b"{}")
+        check_depth(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+        raise RequestError(f"request body is not valid JSON: {exc}", field="body") from None
+    except (DocumentTooComplex, RecursionError) as exc:
+        detail = str(exc) if isinstance(exc, DocumentTooComplex) else "nested too deep"
+        raise RequestError(f"request body refused: {detail}", field="body") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(body)"
+        # the path as the sender wrote it (no union tags: ``model.tensor_shape``)
+        loc = yaml_path(model, first["loc"]) or "(body)"
         msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         raise RequestError(f"invalid request: {loc}: {msg}", field=loc) from None
 

@@ -10,6 +10,7 @@ numpy computes, as if the bad requests had never come.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -270,3 +271,42 @@ def test_invalid_job_files_and_admin_requests_are_refused_by_name(cluster: Clust
     _refused(raw.request("POST", "/v1/admin/jobs/nope/abort"), 404, "not_found")
     _refused(raw.request("GET", "/v1/admin/jobs/nope/model?round=x"), 404, "not_found")
     assert cluster.get("/v1/admin/jobs") == []
+
+
+def test_out_of_range_numbers_and_nested_documents_are_4xx_naming_the_field(
+    cluster: Cluster,
+) -> None:
+    cluster.start_server()
+    huge_shape = {"kind": "generated", "num_tensors": 10, "tensor_shape": [2**62, 2**62]}
+    cases: list[tuple[bytes, str]] = [
+        # a train_timeout of 1e999 is infinity once parsed: no limit is null, never inf
+        (b'{"config": ' + _job_json(train_timeout="1e999") + b"}", "config.train_timeout"),
+        (b'{"config": ' + _job_json(model=huge_shape) + b"}", "config.model"),
+        (b"[" * 5000 + b"]" * 5000, "body"),
+        (b'{"config": {"name": ' + b'{"a": ' * 200 + b"1" + b"}" * 200 + b"}}", "body"),
+    ]
+    raw = RawSite(cluster.port, "admin")
+    for body, field in cases:
+        reply = raw.json("POST", "/v1/admin/jobs", body)
+        assert reply.status == 400, (field, reply)
+        assert reply.body["field"] == field, reply
+    site = RawSite(cluster.port, "site-1")
+    reply = site.json(
+        "POST", "/v1/clients/site-1/heartbeat", {"bytes_done": 2**64, "bytes_total": 1}
+    )
+    assert reply.status == 400 and reply.body["field"] == "bytes_done", reply
+    for wait in ("nan", "-1", "x" * 5000):
+        reply = site.request("GET", f"/v1/clients/site-1/task?wait={wait}")
+        assert reply.status == 400 and reply.body["field"] == "wait", (wait, reply)
+    assert cluster.get("/v1/admin/jobs") == []
+
+
+def _job_json(**fields: Any) -> bytes:
+    """A valid job as JSON text, with ``fields`` put in as raw JSON (strings as given)."""
+
+    job = small_job(rounds=1, clients=1)
+    text = json.dumps({k: v for k, v in job.items() if k not in fields})[:-1]
+    extra = ", ".join(
+        f'"{k}": {v if isinstance(v, str) else json.dumps(v)}' for k, v in fields.items()
+    )
+    return f"{text}, {extra}}}".encode()

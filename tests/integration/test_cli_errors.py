@@ -88,3 +88,30 @@ def test_client_says_why_its_workspace_cannot_be_created(tmp_path: Path) -> None
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"fl-client: workspace {workspace}"), out.stderr
     assert last.endswith("cannot create: Not a directory"), out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("name: &a [*a]\n", "refers to the node that holds it"),
+        ("a: " + "[" * 200 + "]" * 200 + "\n", "nested more than 64 levels deep"),
+        (
+            "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+            + "".join(
+                f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            ),
+            "aliases stand for more than",
+        ),
+    ],
+)
+def test_admin_refuses_a_self_referencing_or_exploding_job_file(
+    cluster: Cluster, tmp_path: Path, text: str, words: str
+) -> None:
+    cluster.start_server()
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    out = fl_admin("--server", cluster.url, "submit", str(job))
+    _says(out, 2, str(job), words)
+    assert "Traceback" not in out.stderr
+    assert cluster.get("/v1/admin/jobs") == []
