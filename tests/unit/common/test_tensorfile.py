@@ -96,7 +96,7 @@ def test_float_dtypes() -> None:
 
 def test_bf16_is_ml_dtypes_bfloat16() -> None:
     assert numpy_dtype("BF16") == np.dtype(ml_dtypes.bfloat16)
-    assert st_dtype(ml_dtypes.bfloat16) == "BF16"  # type: ignore[arg-type]
+    assert st_dtype(ml_dtypes.bfloat16) == "BF16"
     assert numpy_dtype_named("bfloat16") == numpy_dtype("BF16")
     assert numpy_dtype_named("float16") == numpy_dtype("F16")
     # 1.0 in bfloat16 is 0x3F80, little-endian on disk

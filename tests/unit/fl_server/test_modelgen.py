@@ -69,7 +69,16 @@ def test_aggregation_stops_between_chunks_and_leaves_nothing(tmp_path: Path) -> 
     with pytest.raises(Stopped):
         fold(sources, layout, tmp_path / "acc-2.f64", 4096, _stopped_after(3))
     with pytest.raises(Stopped):
-        finalize(sources, layout, 3.0, tmp_path / "round-1.st", SEGMENT, 4096, _stopped_after(3))
+        finalize(
+            sources,
+            layout,
+            3.0,
+            tmp_path / "round-1.st",
+            SEGMENT,
+            4096,
+            _stopped_after(3),
+            base=tmp_path / "u0.st",
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u0.st", "u1.st"]
 
 
