@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ def tensor_shape(spec: GeneratedModel) -> tuple[int, ...]:
 def generate(
     spec: GeneratedModel, path: Path, segment_bytes: int, stop: threading.Event | None = None
 ) -> Manifest:
-    dtype = numpy_dtype_named(spec.dtype)
+    dtype: np.dtype[Any] = numpy_dtype_named(spec.dtype)
     shape = tensor_shape(spec)
     numel = math.prod(shape)
     tensors = [(f"layer{i:05d}", st_dtype(dtype), shape) for i in range(spec.num_tensors)]
