@@ -34,7 +34,7 @@ def _write_model(path: Path) -> None:
     rng = np.random.default_rng(9)
     path.parent.mkdir(parents=True, exist_ok=True)
     with ModelWriter(path, TENSORS, segment_bytes=1 << 20) as w:
-        for name, st, shape in TENSORS:
+        for _, st, shape in TENSORS:
             if st == "I64":
                 w.write(2**60 + np.arange(shape[0], dtype=np.int64) * 3)
             elif st == "BOOL":
