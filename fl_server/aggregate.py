@@ -80,7 +80,7 @@ class _Sums:
         self._total = np.empty(self.step, dtype=ACC_DTYPE)
         self._term = np.empty(self.step, dtype=ACC_DTYPE)
         self.raw = np.empty(self.step * ACC_DTYPE.itemsize, dtype=np.uint8)
-        self._sources, self._layout = sources, layout
+        self._sources = sources
         acc = _acc_layout(layout)
         self._acc = {spec.name: spec for spec in acc.tensors}
         with contextlib.ExitStack() as stack:  # closes the readers opened if one fails

@@ -52,25 +52,24 @@ def _bad_values(spec: TensorSpec, first: int, vals: npt.NDArray[np.generic]) -> 
 COMPARE_BYTES = 64 * 1024
 
 
-def _carried_change(base: Path, spec: TensorSpec, a0: int, at: int, got: memoryview) -> str | None:
+def _carried_change(fd: int, spec: TensorSpec, a0: int, at: int, got: memoryview) -> str | None:
     """Why the update's bytes ``got`` at file offset ``at``, inside carried tensor
-    ``spec`` (which starts at ``a0``), may not be taken, or None if they are the
-    global model's ``base``."""
+    ``spec`` (which starts at ``a0``), may not be taken, or None if they are those of
+    the round's global model, open at ``fd``."""
     want = np.empty(min(got.nbytes, COMPARE_BYTES), dtype=np.uint8)
-    with open(base, "rb", buffering=0) as f:
-        for off in range(0, got.nbytes, want.nbytes):
-            part = np.frombuffer(got[off : off + want.nbytes], dtype=np.uint8)
-            view = want[: part.nbytes]
-            if os.preadv(f.fileno(), [byte_view(view)], at + off) != part.nbytes:
-                raise ModelFormatError(f"{base}: file ends inside tensor {spec.name!r}")
-            diff = part != view
-            if diff.any():
-                element = (at + off + int(np.argmax(diff)) - a0) // spec.np_dtype.itemsize
-                return (
-                    f"tensor {spec.name!r} differs from the round's global model (first at "
-                    f"element {element}): {spec.dtype} tensors are not averaged, every update "
-                    "must carry them unchanged"
-                )
+    for off in range(0, got.nbytes, want.nbytes):
+        part = np.frombuffer(got[off : off + want.nbytes], dtype=np.uint8)
+        view = want[: part.nbytes]
+        if os.preadv(fd, [byte_view(view)], at + off) != part.nbytes:
+            raise ModelFormatError(f"the round's global model ends inside tensor {spec.name!r}")
+        diff = part != view
+        if diff.any():
+            element = (at + off + int(np.argmax(diff)) - a0) // spec.np_dtype.itemsize
+            return (
+                f"tensor {spec.name!r} differs from the round's global model (first at "
+                f"element {element}): {spec.dtype} tensors are not averaged, every update "
+                "must carry them unchanged"
+            )
     return None
 
 
@@ -145,10 +144,19 @@ class SegmentValues:
                 self.problem = self.problem or _bad_values(
                     spec, k0, np.frombuffer(whole, dtype=spec.np_dtype)
                 )
-        for a0, lo, hi, spec in self._carried:
-            s, e = max(pos, lo), min(stop, hi)
-            if self.problem is None and s < e:
-                self.problem = _carried_change(self._base, spec, a0, s, data[s - pos : e - pos])
+        carried = [
+            (a0, max(pos, lo), min(stop, hi), spec)
+            for a0, lo, hi, spec in self._carried
+            if max(pos, lo) < min(stop, hi)
+        ]
+        if carried and self.problem is None:
+            fd = os.open(self._base, os.O_RDONLY)  # only for pieces holding carried bytes
+            try:
+                for a0, s, e, spec in carried:
+                    got = data[s - pos : e - pos]
+                    self.problem = self.problem or _carried_change(fd, spec, a0, s, got)
+            finally:
+                os.close(fd)
         self._tail = (self._tail + bytes(data[-self._KEEP :]))[-self._KEEP :]
         self._pos = stop
 
