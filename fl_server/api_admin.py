@@ -141,6 +141,28 @@ async def job_model(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def job_manifest(request: web.Request) -> web.Response:
+    """The manifest of a job's global model after round N (default: the latest).
+
+    What a resumable download checks each segment, and the whole model, against; the
+    model route itself carries no digest.
+    """
+    db = request.app[DB]
+    job = await db.run(db.get_job, request.match_info["job_id"])
+    raw = request.query.get("round")
+    if raw is not None and not (raw.isascii() and raw.isdigit()):
+        raise RequestError("query parameter 'round' must be a round number", field="round")
+    rnd = job.round_done if raw is None else int(raw)
+    if rnd > job.round_done:
+        raise NotFound(
+            f"job {job.job_id} has no global model for round {rnd} "
+            f"(rounds completed: {job.round_done})",
+            field="round",
+        )
+    # not written yet (the initial model is still being prepared): 409 naming both
+    return json_reply(await request.app[RUNNER].manifest(job.job_id, rnd))
+
+
 async def list_clients(request: web.Request) -> web.Response:
     db = request.app[DB]
     gone_after = request.app[CONFIG].client_gone_after_s
