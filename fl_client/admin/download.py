@@ -39,6 +39,7 @@ from common.digest import whole_digest
 from common.errors import FLError, IntegrityError, ModelFormatError, ProtocolError
 from common.http_client import Api, map_transport_errors, parse_reply, raise_for_error, read_bounded
 from common.modelio import read_layout
+from common.segments import Segments
 from common.storage import on_disk
 from common.tensorfile import Manifest
 from common.timeouts import ProgressTimer, Stage
@@ -72,10 +73,11 @@ def work_dir(out: Path) -> Path:
 
 def check_whole(man: Manifest, what: str) -> None:
     """The manifest's segment digests must make its whole digest, and cut its file."""
-    if len(man.segment_digests) != man.num_segments:
+    count = Segments(man.file_size, man.segment_bytes).count
+    if man.num_segments != count:
         raise ProtocolError(
-            f"{what}: the manifest lists {len(man.segment_digests)} segment digests for "
-            f"{man.num_segments} segments of {man.segment_bytes} bytes"
+            f"{what}: the manifest lists {man.num_segments} segment digests for the "
+            f"{count} segments of its file"
         )
     got = whole_digest(man.segment_digests)
     if got != man.digest:
