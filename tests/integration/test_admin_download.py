@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import REPO, Cluster, command, fl_admin, small_job
+from tests.cluster import REPO, ApiError, Cluster, command, fl_admin, small_job
 from tests.proxy import ProxyProcess, Rule
 
 pytestmark = pytest.mark.integration
@@ -145,3 +145,22 @@ def test_output_is_a_file_as_before_and_is_replaced_on_a_new_run(
     assert late.returncode == 1
     assert f"job {job_id} has no global model for round 4" in late.stderr
     assert out.read_bytes() == _server_model(cluster, job_id)  # left as it was
+
+
+def test_the_manifest_route_names_the_job_and_round(cluster: Cluster) -> None:
+    job_id = _job_with_model(cluster)
+    route = f"/v1/admin/jobs/{job_id}/manifest"
+    latest = cluster.get(route)  # round 0: the only model so far
+    assert latest == cluster.get(route + "?round=0")
+    assert latest["layout"]["data_offset"] + 16 * MIB == len(_server_model(cluster, job_id))
+    for query, status, words in [
+        ("?round=1", 404, f"job {job_id} has no global model for round 1"),
+        ("?round=-1", 400, "'round' must be a round number"),
+        ("?round=x", 400, "'round' must be a round number"),
+    ]:
+        with pytest.raises(ApiError) as err:
+            cluster.get(route + query)
+        assert err.value.status == status and words in err.value.body["message"], err.value.body
+    with pytest.raises(ApiError) as err:
+        cluster.get("/v1/admin/jobs/nope/manifest")
+    assert err.value.status == 404

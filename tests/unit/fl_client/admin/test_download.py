@@ -16,7 +16,7 @@ from common.errors import IntegrityError, NotFound, ProtocolError
 from common.tensorfile import Manifest
 from fl_client.admin import download
 from fl_client.admin.download_view import PlainView
-from tests.fakeserver import Handler, file_ranges, make_model, serve
+from tests.fakeserver import Handler, file_ranges, job_status, make_model, serve
 
 JOB_ID = "job1"
 SEGMENT_BYTES = 8192
@@ -146,27 +146,14 @@ class Counting:
 def _routes(
     man: Manifest, model: Handler, checkpoint: Handler | None = None
 ) -> dict[tuple[str, str], Handler]:
-    async def status(request: web.Request) -> web.StreamResponse:
-        info = wire.JobInfo(
-            job_id=JOB_ID,
-            name="j",
-            state=wire.JobState.RUNNING,
-            round=2,
-            num_rounds=3,
-            created_at=0.0,
-            updated_at=0.0,
-            model_bytes=man.file_size,
-        )
-        return web.json_response(
-            text=wire.JobStatus(job=info, rounds=[], tasks=[]).model_dump_json()
-        )
-
     async def manifest(request: web.Request) -> web.StreamResponse:
         assert request.query["round"] == "2"  # the latest, fixed before anything is fetched
         return web.json_response(text=man.model_dump_json())
 
     routes = {
-        ("GET", wire.JOB.format(job_id=JOB_ID)): status,
+        ("GET", wire.JOB.format(job_id=JOB_ID)): job_status(
+            JOB_ID, state=wire.JobState.RUNNING, round=2, num_rounds=3, model_bytes=man.file_size
+        ),
         ("GET", wire.JOB_MANIFEST.format(job_id=JOB_ID)): manifest,
         ("GET", wire.JOB_MODEL.format(job_id=JOB_ID)): model,
     }
