@@ -7,7 +7,7 @@ import time
 
 from aiohttp import web
 
-from common.config import FileModel
+from common.config import FileModel, UploadedModel
 from common.errors import ConfigError, NotFound, RequestError
 from common.wire import (
     ClientInfo,
@@ -19,7 +19,7 @@ from common.wire import (
     TaskInfo,
     TaskState,
 )
-from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, STAGING, WORKSPACE
 from fl_server.core.rules import is_alive
 from fl_server.core.transitions import RoundState
 from fl_server.filesend import send_file
@@ -52,6 +52,9 @@ async def submit_job(request: web.Request) -> web.Response:
             raise ConfigError(
                 f"model.path: {model.path} is not a file on the server", field="model.path"
             )
+    if isinstance(model, UploadedModel):
+        # the job starts only on a whole, verified model: 409 naming what is missing
+        await asyncio.to_thread(request.app[STAGING].verified, model.upload_id)
     job_id = await request.app[RUNNER].submit(body.config)
     return json_reply(JobSubmitted(job_id=job_id), status=201)
 
