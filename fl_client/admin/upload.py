@@ -135,6 +135,13 @@ async def describe_model(
     return describe(segment_bytes, described)
 
 
+async def _then(chunks: AsyncIterator[bytes], done: Callable[[], None]) -> AsyncIterator[bytes]:
+    """``chunks``, then ``done()``: the body is sent, the wait for the answer begins."""
+    async for data in chunks:
+        yield data
+    done()
+
+
 @dataclass(frozen=True)
 class _Sender:
     api: Api
@@ -159,19 +166,14 @@ class _Sender:
         timer = ProgressTimer(
             timeouts.communication_timeout, stage=Stage.SENDING, peer=api.base_url, what=what
         )
+        chunks = file_range_chunks(
+            self.files[ref.file_no].path, start, end, self.settings.io_chunk_bytes, timer
+        )
+        sent = _then(chunks, lambda: timer.enter(Stage.WAITING, timeouts.streaming_ack_wait))
+        headers = {wire.DIGEST_HEADER: digest}
         async with timer:
-            path = self.files[ref.file_no].path
-            body = file_range_chunks(path, start, end, self.settings.io_chunk_bytes, timer)
-
-            async def then_wait() -> AsyncIterator[bytes]:
-                async for data in body:
-                    yield data
-                timer.enter(Stage.WAITING, timeouts.streaming_ack_wait)
-
             with map_transport_errors(api.base_url, what):
-                async with api.session.put(
-                    api.url(route), data=then_wait(), headers={wire.DIGEST_HEADER: digest}
-                ) as resp:
+                async with api.session.put(api.url(route), data=sent, headers=headers) as resp:
                     timer.enter(Stage.RECEIVING, timeouts.communication_timeout)
                     await raise_for_error(resp)
                     raw = await read_bounded(resp, ACK_MAX_BYTES, what, timer)

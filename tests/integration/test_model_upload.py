@@ -61,6 +61,25 @@ def _uploads(cluster: Cluster) -> list[dict[str, object]]:
     return list(cluster.get("/v1/admin/uploads")["uploads"])
 
 
+def _slow_submit(
+    cluster: Cluster, proxy: ProxyProcess, config: Path, job: Path, model: Path
+) -> subprocess.Popen[str]:
+    """``submit --model`` in the background, its segments throttled to 4 MiB/s."""
+    proxy.set_faults(Rule(match=PUT_UPLOAD, direction="up", throttle_bps=4 * MIB))
+    args = ("--config", str(config), "submit", str(job), "--model", str(model))
+    return subprocess.Popen(
+        command("fl_client.admin", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_uploaded(cluster: Cluster, segments: int) -> None:
+    cluster.wait_for(
+        lambda: any(int(str(u["bytes_done"])) >= segments * SEGMENT for u in _uploads(cluster)),
+        30,
+        f"{segments} segments uploaded",
+    )
+
+
 def _assert_initial_model(cluster: Cluster, job_id: str, want: dict[str, np.ndarray]) -> None:
     got = load_file(str(cluster.download(job_id, 0, cluster.root / "initial.safetensors")))
     assert sorted(got) == sorted(want)
@@ -97,21 +116,9 @@ def test_broken_upload_resumes_when_the_same_command_runs_again(
     want = _model(model, tensors=8, shape=(1024, 1024))  # 32 MiB: 32 segments
     segments = -(-model.stat().st_size // SEGMENT)
     config, job = _admin_config(cluster, proxy.url), _job_file(cluster)
-    proxy.set_faults(Rule(match=PUT_UPLOAD, direction="up", throttle_bps=4 * MIB))
-    first = subprocess.Popen(
-        command(
-            "fl_client.admin", "--config", str(config), "submit", str(job), "--model", str(model)
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = _slow_submit(cluster, proxy, config, job, model)
     try:
-        cluster.wait_for(
-            lambda: any(int(str(u["bytes_done"])) >= 4 * SEGMENT for u in _uploads(cluster)),
-            30,
-            "4 segments uploaded",
-        )
+        _wait_uploaded(cluster, 4)
         # every segment from now on is cut in the middle: the command gives up
         proxy.set_faults(Rule(match=PUT_UPLOAD, direction="up", cut_after_bytes=300_000))
         _, err = first.communicate(timeout=60)
@@ -148,24 +155,13 @@ def test_killed_upload_resends_at_most_one_window(cluster: Cluster, proxy: Proxy
     _model(model, tensors=4, shape=(1024, 1024))  # 16 MiB
     size = model.stat().st_size
     config, job = _admin_config(cluster, proxy.url), _job_file(cluster)
-    proxy.set_faults(Rule(match=PUT_UPLOAD, direction="up", throttle_bps=4 * MIB))
-    first = subprocess.Popen(
-        command(
-            "fl_client.admin", "--config", str(config), "submit", str(job), "--model", str(model)
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = _slow_submit(cluster, proxy, config, job, model)
     try:
-        cluster.wait_for(
-            lambda: any(int(str(u["bytes_done"])) >= 3 * SEGMENT for u in _uploads(cluster)),
-            30,
-            "3 segments uploaded",
-        )
+        _wait_uploaded(cluster, 3)
         time.sleep(0.3)  # well inside the next segments
     finally:
         first.kill()
-        first.wait()
+        first.communicate()
     proxy.clear_faults()
     again = _submit(config, job, model)
     assert again.returncode == 0, again.stderr
