@@ -321,6 +321,10 @@ class ClientConfig(_Frozen):
 class AdminConfig(_Frozen):
     server_url: str = Field(pattern=r"^https?://")
     timeouts: Timeouts = Timeouts()
+    transfer: TransferSettings = Field(
+        TransferSettings(),
+        description="How `fl-admin submit --model` sends the model: window, retries.",
+    )
     tls: TlsFiles | None = Field(
         None,
         description=(
@@ -372,6 +376,26 @@ class FileModel(_Frozen):
 
     kind: Literal["file"] = "file"
     path: Path
+
+
+UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class UploadedModel(_Frozen):
+    """An initial model an admin uploaded to the server (``fl-admin submit --model``).
+
+    ``upload_id`` names the upload session, which is derived from the model's content;
+    the server refuses the job until every segment of it is there and verified.
+    """
+
+    kind: Literal["uploaded"] = "uploaded"
+    upload_id: str = Field(
+        pattern=UPLOAD_ID_PATTERN,
+        description="The upload's id, as `fl-admin submit --model` fills it in.",
+    )
+
+
+ModelSpec = Annotated[GeneratedModel | FileModel | UploadedModel, Field(discriminator="kind")]
 
 
 class AddEpsilonParams(_Frozen):
@@ -433,7 +457,7 @@ class JobConfig(_Frozen):
     wait_for_clients_s: PositiveFloat | None = Field(
         None, description="Fail the job if min_clients are not connected within this time."
     )
-    model: Annotated[GeneratedModel | FileModel, Field(discriminator="kind")]
+    model: ModelSpec
     trainer: TrainerSpec = TrainerSpec()
     keep: KeepRounds = Field(
         KeepRounds(),

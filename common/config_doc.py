@@ -25,6 +25,7 @@ from common.config import (
     TlsFiles,
     TrainerSpec,
     TransferSettings,
+    UploadedModel,
 )
 from common.timeouts import Timeouts
 
@@ -33,12 +34,17 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Client (`fl-client --config client.yaml`)", ClientConfig, ""),
     ("Admin (`fl-admin --config admin.yaml`)", AdminConfig, ""),
     ("`timeouts:` (server, client and admin)", Timeouts, "timeouts."),
-    ("`transfer:` (client; the server takes `io_chunk_kib` only)", TransferSettings, "transfer."),
+    (
+        "`transfer:` (client and admin; the server takes `io_chunk_kib` only)",
+        TransferSettings,
+        "transfer.",
+    ),
     ("`tls:` (server, client and admin)", TlsFiles, "tls."),
     ("`limits:` (server)", ServerLimits, "limits."),
     ("Job file (`fl-admin submit job.yaml`)", JobConfig, ""),
     ("`model:` with `kind: generated`", GeneratedModel, "model."),
     ("`model:` with `kind: file`", FileModel, "model."),
+    ("`model:` with `kind: uploaded` (`fl-admin submit --model`)", UploadedModel, "model."),
     ("`trainer:`", TrainerSpec, "trainer."),
     ("`trainer.params` of `add_epsilon`", AddEpsilonParams, "trainer.params."),
     ("`keep:` (job file): the global models kept on the server", KeepRounds, "keep."),

@@ -38,6 +38,9 @@ JOB_ABORT = API + "/admin/jobs/{job_id}/abort"
 JOB_MODEL = API + "/admin/jobs/{job_id}/model"
 JOB_MANIFEST = API + "/admin/jobs/{job_id}/manifest"
 CLIENTS = API + "/admin/clients"
+UPLOADS = API + "/admin/uploads"
+UPLOAD = API + "/admin/uploads/{upload_id}"
+UPLOAD_FILE_SEGMENT = API + "/admin/uploads/{upload_id}/files/{name}/{index}"
 HEALTH = API + "/health"
 
 
@@ -192,3 +195,53 @@ class ClientInfo(_Wire):
     alive: bool
     phase: Phase
     task_id: str | None = None
+
+
+# model uploads with a job (``fl-admin submit --model``); checks in ``common.uploads``
+
+
+class UploadFile(_Wire):
+    """One file of an uploaded model: its plain name, size and segment digests."""
+
+    name: str = Field(min_length=1, max_length=255)
+    size: PositiveInt
+    segment_digests: list[str] = Field(min_length=1)
+
+
+class UploadDescription(_Wire):
+    """What an admin is about to upload; the server derives the session from it."""
+
+    segment_bytes: PositiveInt
+    files: list[UploadFile] = Field(min_length=1)
+    digest: str = Field(description="common.uploads.model_digest of the rest.")
+
+
+class UploadFileStatus(_Wire):
+    name: str
+    size: int
+    num_segments: int
+    segments_done: list[int]
+
+
+class UploadSession(_Wire):
+    upload_id: str
+    segment_bytes: int
+    digest: str
+    files: list[UploadFileStatus]
+    complete: bool = Field(description="Every segment of every file is acknowledged.")
+
+
+class UploadSummary(_Wire):
+    upload_id: str
+    bytes_total: int
+    bytes_done: int
+    complete: bool
+
+
+class UploadsInfo(_Wire):
+    """The server's terms for uploads (its segment size, how many files) and the
+    uploads it holds."""
+
+    segment_bytes: int
+    max_files: int
+    uploads: list[UploadSummary]

@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 
+from common.config import UploadedModel
 from common.errors import Conflict, NotFound, RequestError
 from common.wire import (
     ClientInfo,
@@ -21,7 +22,7 @@ from common.wire import (
     TaskState,
 )
 from fl_server import jobcheck
-from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, WORKSPACE
+from fl_server.app_keys import CONFIG, DB, RUNNER, SENDERS, STAGING, WORKSPACE
 from fl_server.core import disk
 from fl_server.core.rules import is_alive
 from fl_server.core.transitions import TERMINAL_JOB_STATES, RoundState
@@ -48,11 +49,15 @@ def _job_info(job: JobRow, num_rounds: int) -> JobInfo:
 async def submit_job(request: web.Request) -> web.Response:
     body = await read_json(request, SubmitJob)
     cfg, runner, ws = body.config, request.app[RUNNER], request.app[WORKSPACE]
+    staging = request.app[STAGING]
+    if isinstance(cfg.model, UploadedModel):
+        # the job starts only on a whole, verified model: 409 naming what is missing
+        await asyncio.to_thread(staging.verified, cfg.model.upload_id)
     # the sites whose updates the server may spool at once
     connected = len(await runner.alive_clients(cfg.clients))
     sites = max(cfg.min_clients, len(cfg.clients) if cfg.clients is not None else connected)
     dirs = request.app[CONFIG].allowed_model_dirs
-    await asyncio.to_thread(jobcheck.check_fits, cfg, ws.root, dirs, sites)
+    await asyncio.to_thread(jobcheck.check_fits, cfg, ws.root, dirs, sites, staging)
     job_id = await runner.submit(cfg)
     return json_reply(JobSubmitted(job_id=job_id), status=201)
 

@@ -25,8 +25,8 @@ from common import sdnotify, wire
 from common.config import ServerConfig
 from common.errors import FLError
 from common.storage import on_disk
-from fl_server import api_admin, api_client, metrics
-from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, UPLOADS, WORKSPACE
+from fl_server import api_admin, api_client, api_uploads, metrics
+from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, STAGING, UPLOADS, WORKSPACE
 from fl_server.auth import auth_middleware
 from fl_server.filesend import send_executor
 from fl_server.http_util import error_middleware
@@ -56,6 +56,7 @@ def build_app(cfg: ServerConfig, ws: Workspace) -> web.Application:
     app[UPLOADS] = set()
     app[LIMITS] = Limits.from_config(cfg.limits)
     app[SENDERS] = send_executor()
+    app[STAGING] = app[RUNNER].staging
     r = app.router
     r.add_get(wire.HEALTH, health)
     r.add_post(wire.HEARTBEAT, api_client.heartbeat)
@@ -73,6 +74,10 @@ def build_app(cfg: ServerConfig, ws: Workspace) -> web.Application:
     r.add_get(wire.JOB_MODEL, api_admin.job_model)
     r.add_get(wire.JOB_MANIFEST, api_admin.job_manifest)
     r.add_get(wire.CLIENTS, api_admin.list_clients)
+    r.add_get(wire.UPLOADS, api_uploads.list_uploads)
+    r.add_post(wire.UPLOADS, api_uploads.open_upload)
+    r.add_get(wire.UPLOAD, api_uploads.upload_status)
+    r.add_put(wire.UPLOAD_FILE_SEGMENT, api_uploads.upload_segment)
     metrics.install(app, cfg, db)
     app.cleanup_ctx.append(_send_threads)
     return app

@@ -45,7 +45,7 @@ log = logging.getLogger("fl_server.api")
 P = ParamSpec("P")
 
 
-async def _open_in_thread(opener: Callable[P, int], *args: P.args, **kwargs: P.kwargs) -> int:
+async def open_in_thread(opener: Callable[P, int], *args: P.args, **kwargs: P.kwargs) -> int:
     """``opener(...)`` (which opens a file descriptor) in a worker thread.
 
     If the handler is cancelled while the thread runs, the thread still opens the file:
@@ -64,7 +64,7 @@ def _close_opened(opening: asyncio.Future[int]) -> None:
         os.close(opening.result())
 
 
-def _open_sink() -> int:
+def open_sink() -> int:
     """Where a segment the server already holds is received again: hashed, not stored."""
     return os.open(os.devnull, os.O_WRONLY)
 
@@ -148,9 +148,9 @@ class Intake:
         """The body into the spool (or, when already acknowledged, nowhere); its digest."""
         spool = self.workspace.spool_path(task.job_id, task.round, task.task_id)
         if acked is None:
-            fd = await _open_in_thread(_open_spool, spool, man.file_size, self.workspace.spares)
+            fd = await open_in_thread(_open_spool, spool, man.file_size, self.workspace.spares)
         else:
-            fd = await _open_in_thread(_open_sink)
+            fd = await open_in_thread(open_sink)
         timeouts = self.cfg.timeouts
         timer = ProgressTimer(
             timeouts.communication_timeout,

@@ -13,37 +13,58 @@ import shutil
 from pathlib import Path
 
 from common import humanize
-from common.config import MIB, FileModel, GeneratedModel, JobConfig
+from common.config import MIB, GeneratedModel, JobConfig, ModelSpec, UploadedModel
 from common.errors import ConfigError, StorageError
 from common.modelio import read_layout
 from fl_server.core import disk
 from fl_server.modelgen import model_source, tensor_shape
+from fl_server.staging import Staging
 
 # header bytes allowed for per tensor of a generated model: its JSON entry
 HEADER_BYTES_PER_TENSOR = 256
 ITEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def model_size(model: GeneratedModel | FileModel, model_dirs: tuple[Path, ...]) -> tuple[int, int]:
+def _files_size(source: Path) -> tuple[int, int]:
+    """Bytes and elements of a model file, or of the ``.safetensors`` shards in a folder."""
+    files = sorted(source.glob("*.safetensors")) if source.is_dir() else [source]
+    layouts = [read_layout(f) for f in files]
+    return (
+        sum(layout.file_size for layout in layouts),
+        sum(t.numel for layout in layouts for t in layout.tensors),
+    )
+
+
+def model_size(
+    model: ModelSpec, model_dirs: tuple[Path, ...], staging: Staging | None = None
+) -> tuple[int, int]:
     """The initial model's bytes (an upper bound for a generated one's header) and its
-    number of elements. Blocking: reads a file model's header."""
+    number of elements. Blocking: reads a file model's headers."""
     if isinstance(model, GeneratedModel):
         numel = math.prod(tensor_shape(model))
         data = model.num_tensors * numel * ITEM_BYTES[model.dtype]
         return data + model.num_tensors * HEADER_BYTES_PER_TENSOR + MIB, model.num_tensors * numel
+    if isinstance(model, UploadedModel):
+        assert staging is not None, "uploaded models need the server's staging"
+        return _files_size(staging.staged_source(model.upload_id))
     source = model_source(model, model_dirs)
-    if not source.is_file():
+    if not source.exists():
         raise ConfigError(
             f"model.path: {model.path} is not a file on the server", field="model.path"
         )
-    layout = read_layout(source)
-    return layout.file_size, sum(t.numel for t in layout.tensors)
+    return _files_size(source)
 
 
-def check_fits(cfg: JobConfig, workspace: Path, model_dirs: tuple[Path, ...], sites: int) -> None:
+def check_fits(
+    cfg: JobConfig,
+    workspace: Path,
+    model_dirs: tuple[Path, ...],
+    sites: int,
+    staging: Staging | None = None,
+) -> None:
     """Refuse (507) a job whose peak disk need is more than the workspace's free disk.
     Blocking."""
-    model_bytes, elements = model_size(cfg.model, model_dirs)
+    model_bytes, elements = model_size(cfg.model, model_dirs, staging)
     need = disk.peak_bytes(
         model_bytes=model_bytes,
         elements=elements,

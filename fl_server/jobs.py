@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Collection
 
 from common import logctx
-from common.config import JobConfig, ServerConfig
+from common.config import JobConfig, ModelSpec, ServerConfig, UploadedModel
 from common.errors import Conflict
 from common.tensorfile import Manifest
 from common.wire import JobState
 from fl_server.core import rules
 from fl_server.core.transitions import RoundState
+from fl_server.staging import Staging
 from fl_server.state import StateDB, TaskRow
 from fl_server.workspace import Workspace
 
@@ -37,6 +38,7 @@ class JobBook:
         self._issue_lock = asyncio.Lock()
         self._manifests: dict[tuple[str, int], Manifest] = {}
         self._configs: dict[str, JobConfig] = {}
+        self.staging = Staging(ws.uploads_dir)  # models admins upload for their jobs
 
     async def submit(self, cfg: JobConfig) -> str:
         job_id = uuid.uuid4().hex[:12]
@@ -44,6 +46,21 @@ class JobBook:
         self.started.put_nowait(job_id)
         log.info("job %s (%s) submitted: %d rounds", job_id, cfg.name, cfg.num_rounds)
         return job_id
+
+    async def release_upload(self, job_id: str, model: ModelSpec) -> None:
+        """Remove the staged upload ``job_id`` prepared its model from, unless another job
+        still waits to prepare from it (a second ``submit`` of the same model)."""
+        if not isinstance(model, UploadedModel):
+            return
+        for job in await self.db.run(self.db.list_jobs):
+            if job.job_id == job_id or job.state is not JobState.PENDING:
+                continue
+            other = (await self.job_config(job.job_id)).model
+            same = isinstance(other, UploadedModel) and other.upload_id == model.upload_id
+            if same and await asyncio.to_thread(self.ws.load_manifest, job.job_id, 0) is None:
+                return
+        await asyncio.to_thread(self.staging.remove, model.upload_id)
+        log.info("job %s: staged upload %s removed", job_id, model.upload_id)
 
     async def job_config(self, job_id: str) -> JobConfig:
         cfg = self._configs.get(job_id)

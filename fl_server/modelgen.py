@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from common.config import MIB, FileModel, GeneratedModel
+from common.config import MIB, FileModel, GeneratedModel, UploadedModel
 from common.digest import SegmentHasher, whole_digest
 from common.errors import Forbidden, ModelFormatError
 from common.modelio import ModelWriter, fsync_dir, read_layout
 from common.tensorfile import Manifest, numpy_dtype_named, st_dtype
+from fl_server.staging import Staging
 from fl_server.threads import check_stop
 
 # Small on purpose: the server's memory must not depend on how large a tensor is.
@@ -120,16 +121,24 @@ def from_file(
 
 
 def prepare_initial(
-    spec: GeneratedModel | FileModel,
+    spec: GeneratedModel | FileModel | UploadedModel,
     path: Path,
     segment_bytes: int,
     stop: threading.Event | None = None,
     model_dirs: Sequence[Path] = (),
+    uploads: Staging | None = None,
 ) -> Manifest:
     """Write the job's initial model at ``path``; ``stop`` (checked once per chunk) ends
     it early with ``Stopped``, leaving no partial file. A file model must lie under one
-    of ``model_dirs``."""
+    of ``model_dirs``; an uploaded one is read from its staged folder in ``uploads``
+    (and from nowhere else), like a file model."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(spec, GeneratedModel):
         return generate(spec, path, segment_bytes, stop)
+    if isinstance(spec, UploadedModel):
+        if uploads is None:
+            raise Forbidden("this server takes no uploaded models", field="model.upload_id")
+        source = uploads.staged_source(spec.upload_id)
+        staged = (uploads.model_dir(spec.upload_id),)
+        return from_file(FileModel(path=source), path, segment_bytes, stop, staged)
     return from_file(spec, path, segment_bytes, stop, model_dirs)

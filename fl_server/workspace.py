@@ -52,6 +52,11 @@ class Workspace:
         return fd
 
     @property
+    def uploads_dir(self) -> Path:
+        """Models admins uploaded for their jobs (``fl_server.staging``)."""
+        return self.root / "uploads"
+
+    @property
     def db_path(self) -> Path:
         return self.root / "state.db"
 

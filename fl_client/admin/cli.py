@@ -21,11 +21,11 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from common import humanize, wire
-from common.config import AdminConfig, JobConfig
+from common.config import AdminConfig, JobConfig, UploadedModel
 from common.config_load import load_config, load_yaml, parse_config
 from common.errors import ConfigError, FLError, TransferError
 from common.http_client import Api, make_session
-from fl_client.admin import api, download, download_view, render
+from fl_client.admin import api, download, download_view, render, upload
 from fl_client.admin.progress import JobTracker
 
 PROG = "fl-admin"
@@ -50,8 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the server's JSON replies")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("submit", help="submit a job file")
+    p = sub.add_parser(
+        "submit",
+        help="submit a job file, optionally with its initial model",
+        description=(
+            "Submit a job. With --model, first upload the job's initial model (a "
+            ".safetensors file, or a folder with model.safetensors.index.json and its "
+            "shards) in digested segments; the job file then has no model: section. An "
+            "upload broken off resumes when the same command runs again. The job id is "
+            "the last line of standard output."
+        ),
+    )
     p.add_argument("job_file", metavar="JOB.yaml", type=Path)
+    p.add_argument("--model", metavar="PATH", type=Path, help="upload this model with the job")
     sub.add_parser("list", help="list jobs")
     p = sub.add_parser("status", help="show a job's rounds and each site's progress")
     p.add_argument("job_id", metavar="JOB_ID")
@@ -120,8 +131,21 @@ def admin_config(args: argparse.Namespace) -> AdminConfig:
     return parse_config({"server_url": url}, AdminConfig, source=source)
 
 
-def load_job(path: Path) -> JobConfig:
-    return parse_config(load_yaml(path), JobConfig, source=str(path))
+def load_job(path: Path, *, uploading: bool = False) -> JobConfig:
+    """The job file; ``uploading`` (``--model``): its model is the one to upload, so the
+    file must not name one (checked here, before any byte of the model is sent)."""
+    data = load_yaml(path)
+    if not uploading:
+        return parse_config(data, JobConfig, source=str(path))
+    if isinstance(data, dict) and "model" in data:
+        raise ConfigError(
+            f"{path}: the job file has a model: section and --model names a model to "
+            "upload; remove one of the two",
+            field="model",
+        )
+    placeholder = {"kind": "uploaded", "upload_id": "0" * 32}  # replaced after the upload
+    data = {**data, "model": placeholder} if isinstance(data, dict) else data
+    return parse_config(data, JobConfig, source=str(path))
 
 
 # --- output ---------------------------------------------------------------------------
@@ -149,7 +173,12 @@ def client_row(c: wire.ClientInfo) -> list[str]:
 
 
 async def cmd_submit(a: Api, args: argparse.Namespace) -> int:
-    config = await asyncio.to_thread(load_job, args.job_file)
+    config = await asyncio.to_thread(load_job, args.job_file, uploading=args.model is not None)
+    if args.model is not None:
+        upload_id = await upload.upload_model(
+            a, args.model, args.transfer, show_progress=sys.stderr.isatty()
+        )
+        config = config.model_copy(update={"model": UploadedModel(upload_id=upload_id)})
     reply = await api.submit(a, config)
     if args.json:
         print_json(reply)
@@ -298,6 +327,7 @@ COMMANDS: dict[str, Command] = {
 
 async def run(config: AdminConfig, args: argparse.Namespace) -> int:
     async with make_session(identity=None, tls=config.tls) as session:
+        args.transfer = config.transfer
         return await COMMANDS[args.command](Api(session, config.server_url, config.timeouts), args)
 
 

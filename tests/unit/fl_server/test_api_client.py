@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.intake import _open_in_thread
+from fl_server.intake import open_in_thread
 
 
 async def test_a_descriptor_opened_after_the_handler_was_cancelled_is_closed(
@@ -24,7 +24,7 @@ async def test_a_descriptor_opened_after_the_handler_was_cancelled_is_closed(
         opened.append(fd)
         return fd
 
-    handler = asyncio.create_task(_open_in_thread(opener, tmp_path / "spool"))
+    handler = asyncio.create_task(open_in_thread(opener, tmp_path / "spool"))
     await asyncio.sleep(0.05)
     handler.cancel()
     with pytest.raises(asyncio.CancelledError):
