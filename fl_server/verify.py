@@ -162,9 +162,11 @@ class SegmentValues:
 
 
 def check_header_early(path: Path, expected: Layout, received: int) -> None:
-    """Check the update's header now if it lies within its first ``received`` bytes.
-
-    A header that reaches further is checked at commit by ``check_update``.
+    """Check the update's header now if it lies within its first ``received`` bytes,
+    else its length: an update is laid out as the task's model, so its header is exactly
+    as long. Raised here, the first segment is refused and never acknowledged, and the
+    site can send the right bytes; a header that reaches further is checked whole at
+    commit by ``check_update``.
     """
     with open(path, "rb") as f:
         prefix = f.read(min(received, HEADER_LEN_BYTES))
@@ -175,7 +177,15 @@ def check_header_early(path: Path, expected: Layout, received: int) -> None:
                 f"update is not a valid model file: {exc}", field="header"
             ) from None
         if HEADER_LEN_BYTES + n > received:
-            return
+            want = expected.data_offset - HEADER_LEN_BYTES
+            if n != want:
+                raise UpdateRejected(
+                    f"update header is {n} bytes long, the task's model has a header of "
+                    f"{want} bytes: write the update with the model's own layout (same "
+                    "tensors, dtypes, shapes, order and metadata)",
+                    field="header",
+                )
+            return  # a header longer than this segment: checked whole at commit
         head = prefix + f.read(n)
     try:
         got = parse_header(head, file_size=None)

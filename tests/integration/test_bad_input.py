@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.digest import segment_digest
 from common.tensorfile import Layout, Manifest, TensorSpec, plan_layout
 from tests.cluster import ApiError, Cluster, assert_exact_model, small_job
 from tests.rawclient import RawSite, Reply, file_digest, file_segments, write_update
@@ -169,6 +170,13 @@ def test_bad_updates_and_requests_change_nothing(cluster: Cluster, tmp_path: Pat
             i, data, digest = next(file_segments(path, seg))
             _refused(a.put_segment(tid, i, data, digest), 422, "update_rejected", words)
 
+    # --- a header that claims more bytes than the first segment holds: refused now, not
+    # acknowledged, so the right first segment is then taken ---------------------------
+    with _unchanged(snap):
+        i, data, digest = segments[0]
+        long_head = (seg * 4).to_bytes(8, "little") + data[8:]
+        reply = a.put_segment(tid, i, long_head, segment_digest(long_head))
+        _refused(reply, 422, "update_rejected", "header is", "bytes long")
     # --- commits ---------------------------------------------------------------------
     with _unchanged(snap):
         _refused(a.commit(tid, file_digest(good_a, seg)), 409, "conflict", "segments missing")
