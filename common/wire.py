@@ -36,6 +36,7 @@ JOBS = API + "/admin/jobs"
 JOB = API + "/admin/jobs/{job_id}"
 JOB_ABORT = API + "/admin/jobs/{job_id}/abort"
 JOB_MODEL = API + "/admin/jobs/{job_id}/model"
+JOB_CHECKPOINT = API + "/admin/jobs/{job_id}/checkpoint"
 CLIENTS = API + "/admin/clients"
 HEALTH = API + "/health"
 

@@ -1,7 +1,7 @@
 """What the server can tell about a job when it is submitted, before it takes anything.
 
-A job whose initial model is a file must name one under the server's ``model_dirs``
-(``fl_server.modelgen.model_source``), and a job must fit the server's disk at its
+A job whose initial model is a file must name a valid checkpoint under the server's
+``model_dirs`` (``fl_server.modelgen.open_checkpoint``), and a job must fit the server's disk at its
 peak (``fl_server.core.disk``): better refused now, with the numbers, than failed hours
 later with a full disk.
 """
@@ -14,10 +14,9 @@ from pathlib import Path
 
 from common import humanize
 from common.config import MIB, FileModel, GeneratedModel, JobConfig
-from common.errors import ConfigError, StorageError
-from common.modelio import read_layout
+from common.errors import StorageError
 from fl_server.core import disk
-from fl_server.modelgen import model_source, tensor_shape
+from fl_server.modelgen import open_checkpoint, tensor_shape
 
 # header bytes allowed for per tensor of a generated model: its JSON entry
 HEADER_BYTES_PER_TENSOR = 256
@@ -31,12 +30,8 @@ def model_size(model: GeneratedModel | FileModel, model_dirs: tuple[Path, ...]) 
         numel = math.prod(tensor_shape(model))
         data = model.num_tensors * numel * ITEM_BYTES[model.dtype]
         return data + model.num_tensors * HEADER_BYTES_PER_TENSOR + MIB, model.num_tensors * numel
-    source = model_source(model, model_dirs)
-    if not source.is_file():
-        raise ConfigError(
-            f"model.path: {model.path} is not a file on the server", field="model.path"
-        )
-    layout = read_layout(source)
+    # the file the checkpoint becomes inside the job; reading its headers also checks it
+    layout, _ = open_checkpoint(model, model_dirs).plan()
     return layout.file_size, sum(t.numel for t in layout.tensors)
 
 

@@ -172,11 +172,13 @@ class JobRunner(JobBook):
             if man is None:
                 log.info("job %s: preparing the initial model", job_id)
                 path, segment_bytes = self.ws.model_path(job_id, 0), self.cfg.segment_bytes
-                dirs = self.cfg.allowed_model_dirs
+                dirs, ckpt = self.cfg.allowed_model_dirs, self.ws.checkpoint_path(job_id)
                 with on_disk("initial model", path, "write"):
                     man = await run_stoppable(
                         None,
-                        lambda stop: prepare_initial(cfg.model, path, segment_bytes, stop, dirs),
+                        lambda stop: prepare_initial(
+                            cfg.model, path, segment_bytes, stop, dirs, ckpt
+                        ),
                     )
                     await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)
             await self.db.run(self.db.set_model_bytes, job_id, man.file_size)
