@@ -174,7 +174,7 @@ def open_checkpoint(spec: FileModel, model_dirs: Sequence[Path]) -> UserCheckpoi
         weight_map, meta = parse_index(raw, index.name)
         names = shard_order(weight_map)
         files = tuple(_shard_path(directory, n, model_dirs) for n in names)
-        headers = tuple(_shard_header(f) for f in files)
+        headers = tuple(_shard_header(f, n) for f, n in zip(files, names, strict=True))
         layout = describe(list(zip(names, headers, strict=True)), meta, weight_map)
         return UserCheckpoint(files, headers, layout)
     if not source.is_file():
@@ -186,14 +186,12 @@ def open_checkpoint(spec: FileModel, model_dirs: Sequence[Path]) -> UserCheckpoi
     return UserCheckpoint((source,), (header,), describe([(source.name, header)]))
 
 
-def _shard_header(path: Path) -> FileHeader:
+def _shard_header(path: Path, name: str) -> FileHeader:
     """A shard's header; an error names the shard, the one file of several at fault."""
     try:
         return read_header(path)
     except ModelFormatError as exc:
-        raise ModelFormatError(
-            f"model.path: shard {path.name!r}: {exc}", field="model.path"
-        ) from None
+        raise ModelFormatError(f"model.path: shard {name!r}: {exc}", field="model.path") from None
 
 
 def from_file(

@@ -109,7 +109,7 @@ def test_a_single_file_with_pt_metadata_runs_and_keeps_its_metadata(cluster: Clu
     source = cluster.root / "server" / "models" / "model.safetensors"
     source.parent.mkdir(parents=True)
     rng = np.random.default_rng(9)
-    arrays = {
+    arrays: Arrays = {
         "b": rng.standard_normal((300, 257)).astype(np.float32),
         "a": rng.standard_normal(1000).astype(np.float16),
     }
