@@ -65,8 +65,10 @@ class Workspace:
 
     def checkpoint_path(self, job_id: str) -> Path:
         """How the job's initial model was laid out (``common.checkpoint``), written when
-        it is prepared: every round's model is written out in that layout on download."""
-        return self.job_dir(job_id) / "models" / "checkpoint.json"
+        it is prepared: every round's model is written out in that layout on download.
+        Beside ``models/``, not in it: that folder holds round models only, which the
+        job's ``keep:`` drops."""
+        return self.job_dir(job_id) / "checkpoint.json"
 
     def load_checkpoint(self, job_id: str) -> CheckpointLayout | None:
         path = self.checkpoint_path(job_id)
