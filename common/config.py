@@ -344,7 +344,9 @@ class GeneratedModel(_Frozen):
         None, description="Size of each tensor in MiB (1-D). Exclusive with tensor_shape."
     )
     tensor_shape: list[PositiveInt] | None = Field(None, description="Shape of each tensor.")
-    dtype: Literal["float32", "float64", "float16"] = "float32"
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
+        "float32", description="Element type of every tensor (bfloat16: safetensors BF16)."
+    )
     init: Literal["normal", "zeros", "arange"] = "normal"
     seed: int = 0
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
+import ml_dtypes
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,28 +33,61 @@ HEADER_LEN_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 FORMAT_VERSION = 1
 
-_DTYPES: dict[str, str] = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
+# Every safetensors tensor type the system takes, as little-endian numpy dtypes. BF16
+# comes from ml_dtypes, the maintained numpy extension for bfloat16.
+_DTYPES: dict[str, np.dtype[np.generic]] = {
+    st: np.dtype(dt).newbyteorder("<")
+    for st, dt in {
+        "F64": np.float64,
+        "F32": np.float32,
+        "F16": np.float16,
+        "BF16": ml_dtypes.bfloat16,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U64": np.uint64,
+        "U32": np.uint32,
+        "U16": np.uint16,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }.items()
 }
-_ST_BY_NUMPY = {v: k for k, v in _DTYPES.items()}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16"})
+_ST_BY_NUMPY = {v.name: k for k, v in _DTYPES.items()}
+# Averaged: summed in float64, the average rounded to nearest, ties to even, into the
+# tensor's own type (``fl_server.aggregate``).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# Carried: integer and bool tensors (step counters, masks, token ids) are not averaged;
+# every update must hold the round's global model's bytes, which the next one keeps.
+CARRIED_DTYPES = frozenset(_DTYPES) - FLOAT_DTYPES
+
+# safetensors types refused, with the reason: a model holding one fails at its header
+_REFUSED: dict[str, str] = {
+    **dict.fromkeys(
+        ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"),
+        "8-bit floats are not averaged here (their rounding from float64 is not verified)",
+    ),
+    **dict.fromkeys(
+        ("F4", "F6_E2M3", "F6_E3M2"),
+        "sub-byte floats pack several values per byte and cannot be averaged chunk by chunk",
+    ),
+    "C64": "complex tensors have no average defined here",
+}
 
 
 def numpy_dtype(st_dtype: str) -> np.dtype[np.generic]:
     try:
-        return np.dtype(_DTYPES[st_dtype]).newbyteorder("<")
+        return _DTYPES[st_dtype]
     except KeyError:
+        why = _REFUSED.get(st_dtype, "it is not a safetensors tensor type")
         raise ModelFormatError(
-            f"unsupported tensor dtype {st_dtype!r}; supported: {', '.join(_DTYPES)}"
+            f"unsupported tensor dtype {st_dtype!r}: {why}; supported: {', '.join(_DTYPES)}"
         ) from None
+
+
+def numpy_dtype_named(name: str) -> np.dtype[np.generic]:
+    """The dtype numpy calls ``name`` ("bfloat16", "float32", ...), if the format takes it."""
+    return numpy_dtype(_ST_BY_NUMPY.get(name, name))
 
 
 def st_dtype(dtype: np.dtype[np.generic] | str) -> str:
@@ -86,6 +120,11 @@ class TensorSpec(BaseModel):
     @property
     def np_dtype(self) -> np.dtype[np.generic]:
         return numpy_dtype(self.dtype)
+
+    @property
+    def averaged(self) -> bool:
+        """Whether updates are averaged into it (floats) or carry it unchanged (the rest)."""
+        return self.dtype in FLOAT_DTYPES
 
 
 class Layout(BaseModel):

@@ -37,6 +37,7 @@ JOB = API + "/admin/jobs/{job_id}"
 JOB_ABORT = API + "/admin/jobs/{job_id}/abort"
 JOB_MODEL = API + "/admin/jobs/{job_id}/model"
 JOB_CHECKPOINT = API + "/admin/jobs/{job_id}/checkpoint"
+JOB_MANIFEST = API + "/admin/jobs/{job_id}/manifest"
 CLIENTS = API + "/admin/clients"
 HEALTH = API + "/health"
 

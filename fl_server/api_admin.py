@@ -130,28 +130,41 @@ async def abort_job(request: web.Request) -> web.Response:
     return json_reply(_job_info(job, (await runner.job_config(job_id)).num_rounds))
 
 
-async def job_model(request: web.Request) -> web.StreamResponse:
-    """A job's global model after round N (default: the latest), as a file."""
-    db = request.app[DB]
-    job = await db.run(db.get_job, request.match_info["job_id"])
+async def _kept_round(request: web.Request, job: JobRow) -> int:
+    """The round whose global model the request asks for (``?round=N``, default: the
+    latest), if the job has it: 400 for a round that is no number, 404 naming the rounds
+    it has otherwise."""
     raw = request.query.get("round")
-    try:
-        rnd = job.round_done if raw is None else int(raw)
-    except ValueError:
-        raise RequestError("query parameter 'round' must be an integer", field="round") from None
-    path = request.app[WORKSPACE].model_path(job.job_id, rnd)
-    if rnd < 0 or rnd > job.round_done:
+    if raw is not None and not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
+        raise RequestError("query parameter 'round' must be a round number", field="round")
+    rnd = job.round_done if raw is None else int(raw)
+    if rnd > job.round_done:
         raise NotFound(
             f"job {job.job_id} has no global model for round {rnd} "
             f"(rounds completed: {job.round_done})",
             field="round",
         )
-    if not await asyncio.to_thread(path.is_file):
-        keep = (await request.app[RUNNER].job_config(job.job_id)).keep
+    keep = (await request.app[RUNNER].job_config(job.job_id)).keep
+    kept = disk.kept(keep, job.round_done)
+    if rnd not in kept:
         raise NotFound(
             f"job {job.job_id} did not keep the global model of round {rnd}: it keeps rounds "
-            f"{', '.join(map(str, sorted(disk.kept(keep, job.round_done))))} "
-            f"(keep: in the job file)",
+            f"{', '.join(map(str, sorted(kept)))} (keep: in the job file)",
+            field="round",
+        )
+    return rnd
+
+
+async def job_model(request: web.Request) -> web.StreamResponse:
+    """A job's global model after round N (default: the latest), as a file."""
+    db = request.app[DB]
+    job = await db.run(db.get_job, request.match_info["job_id"])
+    rnd = await _kept_round(request, job)
+    path = request.app[WORKSPACE].model_path(job.job_id, rnd)
+    if not await asyncio.to_thread(path.is_file):
+        raise NotFound(
+            f"job {job.job_id} has no global model for round {rnd} "
+            f"(rounds completed: {job.round_done}; its initial model is still being prepared)",
             field="round",
         )
     timeout = request.app[CONFIG].timeouts.communication_timeout
@@ -178,6 +191,19 @@ async def job_checkpoint(request: web.Request) -> web.Response:
             field="job_id",
         )
     return json_reply(layout)
+
+
+async def job_manifest(request: web.Request) -> web.Response:
+    """The manifest of a job's global model after round N (default: the latest).
+
+    What a resumable download checks each segment, and the whole model, against; the
+    model route itself carries no digest.
+    """
+    db = request.app[DB]
+    job = await db.run(db.get_job, request.match_info["job_id"])
+    rnd = await _kept_round(request, job)
+    # not written yet (the initial model is still being prepared): 409 naming both
+    return json_reply(await request.app[RUNNER].manifest(job.job_id, rnd))
 
 
 async def list_clients(request: web.Request) -> web.Response:

@@ -4,9 +4,10 @@ What is written when, and whether the file counts at close, is decided in
 ``fl_server.core.early`` and ``fl_server.core.round``; here the blocking file work
 (call from a thread). A step reads only acknowledged segments, which are never
 overwritten, and writes the very bytes the plain path would (the same sums in float64,
-the same division and cast). Segments are hashed as they become complete and the file
-is synced every ``SYNC_BYTES``, so at close only the tensors left are averaged, the
-segments left hashed and the last part synced. The file lives in the round's folder,
+the same division and cast; integer and bool tensors copied from the base model).
+Segments are hashed as they become complete and the file is synced every
+``SYNC_BYTES``, so at close only the tensors left are averaged, the segments left
+hashed and the last part synced. The file lives in the round's folder,
 which a restarted server cleans: a crash loses the early work, nothing else.
 """
 
@@ -45,6 +46,8 @@ def write_step(
     segment_bytes: int,
     chunk_bytes: int,
     stop: threading.Event | None = None,
+    *,
+    base: Path,
 ) -> tuple[dict[int, str], int]:
     """Write the average of ``tensors`` into the early aggregate at ``path`` (made, at
     the next global model's size and with its header, if missing); return the digests
@@ -53,6 +56,7 @@ def write_step(
     A step syncs the file once ``SYNC_BYTES`` are written since the last sync: the sync
     at close has at most that left to wait for, not the model. Segments are hashed
     while still in the page cache. ``early`` is only read: the caller records the step.
+    Integer and bool tensors are copied from ``base``, the round's global model.
     """
     out, head = output_layout(layout)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -61,7 +65,15 @@ def write_step(
             allocate(fd, out.file_size)
             _pwrite_all(fd, head, 0)
         write_average(
-            sources, layout, total_weight, tensors, fd, out.data_offset, chunk_bytes, stop
+            sources,
+            layout,
+            total_weight,
+            tensors,
+            fd,
+            out.data_offset,
+            chunk_bytes,
+            stop,
+            base=base,
         )
         unsynced = early.unsynced + sum(out.tensors[t].nbytes for t in tensors)
         if unsynced >= SYNC_BYTES:

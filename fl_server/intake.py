@@ -158,8 +158,12 @@ class Intake:
             peer=task.client,
             what=f"segment {req.index} of task {task.task_id}",
         )
-        # the values are checked in the bytes as they are written, not read back
-        values = verify.SegmentValues(man.layout, req.start, req.end) if acked is None else None
+        # the values are checked in the bytes as they are written, not read back; integer
+        # and bool tensors against the task's model, the round's global model
+        base = self.workspace.model_path(task.job_id, task.round - 1)
+        values = (
+            verify.SegmentValues(man.layout, req.start, req.end, base) if acked is None else None
+        )
         try:
             async with timer:
                 digest = await receive_segment(

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -40,7 +40,14 @@ from common.config import MIB, FileModel, GeneratedModel
 from common.digest import SegmentHasher, whole_digest
 from common.errors import ConfigError, Forbidden, ModelFormatError
 from common.modelio import ModelWriter, fsync_dir, read_header
-from common.tensorfile import FileHeader, Layout, Manifest, plan_layout, st_dtype
+from common.tensorfile import (
+    FileHeader,
+    Layout,
+    Manifest,
+    numpy_dtype_named,
+    plan_layout,
+    st_dtype,
+)
 from fl_server.threads import check_stop
 
 # Small on purpose: the server's memory must not depend on how large a tensor is.
@@ -54,19 +61,20 @@ def tensor_shape(spec: GeneratedModel) -> tuple[int, ...]:
     if spec.tensor_shape is not None:
         return tuple(spec.tensor_shape)
     assert spec.tensor_mib is not None
-    itemsize = np.dtype(spec.dtype).itemsize
+    itemsize = numpy_dtype_named(spec.dtype).itemsize
     return (max(1, int(spec.tensor_mib * MIB) // itemsize),)
 
 
 def generate(
     spec: GeneratedModel, path: Path, segment_bytes: int, stop: threading.Event | None = None
 ) -> Manifest:
-    dtype = np.dtype(spec.dtype)
+    dtype: np.dtype[Any] = numpy_dtype_named(spec.dtype)
     shape = tensor_shape(spec)
     numel = math.prod(shape)
     tensors = [(f"layer{i:05d}", st_dtype(dtype), shape) for i in range(spec.num_tensors)]
     step = max(1, GENERATE_CHUNK_BYTES // dtype.itemsize)
-    # numpy draws normals in float32 or float64 only; float16 is drawn in float32
+    # numpy draws normals in float32 or float64 only; float16 and bfloat16 are drawn in
+    # float32 and rounded to nearest even
     draw = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
     with ModelWriter(path, tensors, segment_bytes=segment_bytes) as writer:
         for i in range(spec.num_tensors):

@@ -1,17 +1,21 @@
-"""The rows of the server's state database, and its schema.
+"""The rows of the server's state database, its schema, and the compare-and-set
+helpers that write state changes through their tables.
 
 Plain frozen values: what ``StateDB`` reads is handed around the server as these.
 """
 
 from __future__ import annotations
 
+import enum
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from common.wire import JobState, Phase, TaskState
 from fl_server.core.round_events import TaskInfo
 from fl_server.core.rules import TaskView
-from fl_server.core.transitions import RoundState
+from fl_server.core.transitions import RoundState, Transitions
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -121,3 +125,34 @@ def task_row(r: sqlite3.Row) -> TaskRow:
 # the columns of RoundRow: databases written before some columns were dropped still
 # have them
 ROUND_COLUMNS = "job_id, round, state, started_at, closed_at"
+
+
+S = TypeVar("S", bound=enum.Enum)
+E = TypeVar("E", bound=enum.Enum)
+
+
+def in_states(states: tuple[enum.Enum, ...]) -> tuple[str, tuple[str, ...]]:
+    """``IN (?, ...)`` and its values: the states a table lets take an event."""
+    return f"IN ({', '.join('?' * len(states))})", tuple(s.value for s in states)
+
+
+def check_moved(
+    cur: sqlite3.Cursor,
+    c: sqlite3.Connection,
+    table: Transitions[S, E],
+    sql: str,
+    key: tuple[Any, ...],
+    subject: str,
+    event: E,
+    state_type: Callable[[str], S],
+    missing: Callable[[], Exception],
+) -> None:
+    """After a compare-and-set update: if it matched no row, raise why (the subject is
+    gone, or its state does not take ``event``: ``IllegalTransition``)."""
+    if cur.rowcount:
+        return
+    row = c.execute(sql, key).fetchone()
+    if row is None:
+        raise missing()
+    table.next(subject, state_type(row["state"]), event)
+    raise AssertionError(f"{subject}: UPDATE matched no row")  # unreachable

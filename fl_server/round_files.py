@@ -46,6 +46,8 @@ class RoundFiles:
         self.dir = ws.round_dir(job_id, rnd)
         self.early_path = ws.eager_path(job_id, rnd)
         self.model_path = ws.model_path(job_id, rnd)
+        # the round's global model: the next one takes its integer and bool tensors
+        self.base_path = ws.model_path(job_id, rnd - 1)
 
     def path(self, item: Input) -> Path:
         if isinstance(item, Spool):
@@ -110,7 +112,7 @@ class RoundFiles:
         """Write ``tensors`` into the early aggregate: the digests of the segments it
         completed and the bytes not synced yet; None if the spool of one of its members
         is gone meanwhile (its site reported failure)."""
-        path, layout = self.early_path, self.layout
+        path, layout, base = self.early_path, self.layout, self.base_path
         inputs = [Spool(m.task_id, m.weight) for m in early.members]
         sources = self.sources(inputs)
         total, chunk_bytes, segment_bytes = early.total_weight, self.chunk_bytes, self.segment_bytes
@@ -118,7 +120,16 @@ class RoundFiles:
             return await run_stoppable(
                 self._aggregator,
                 lambda stop: eager.write_step(
-                    path, layout, sources, total, tensors, early, segment_bytes, chunk_bytes, stop
+                    path,
+                    layout,
+                    sources,
+                    total,
+                    tensors,
+                    early,
+                    segment_bytes,
+                    chunk_bytes,
+                    stop,
+                    base=base,
                 ),
             )
         except FileNotFoundError as exc:
@@ -142,11 +153,11 @@ class RoundFiles:
     async def aggregate(self, inputs: tuple[Input, ...], total_weight: float) -> Manifest:
         """The next global model from the spools and accumulators on record."""
         out, sources, layout = self.model_path, self.sources(inputs), self.layout
-        segment_bytes, chunk_bytes = self.segment_bytes, self.chunk_bytes
+        segment_bytes, chunk_bytes, base = self.segment_bytes, self.chunk_bytes, self.base_path
         with on_disk(f"global model of round {self.rnd}", out, "write"):
             return await run_stoppable(
                 self._aggregator,
                 lambda stop: aggregate.finalize(
-                    sources, layout, total_weight, out, segment_bytes, chunk_bytes, stop
+                    sources, layout, total_weight, out, segment_bytes, chunk_bytes, stop, base=base
                 ),
             )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import sqlite3
 import threading
@@ -29,7 +28,6 @@ from fl_server.core.transitions import (
     RoundEvent,
     RoundState,
     TaskEvent,
-    Transitions,
 )
 from fl_server.records import (
     ROUND_COLUMNS,
@@ -38,6 +36,8 @@ from fl_server.records import (
     JobRow,
     RoundRow,
     TaskRow,
+    check_moved,
+    in_states,
     job_row,
     round_row,
     task_row,
@@ -47,35 +47,6 @@ __all__ = ["ClientRow", "JobRow", "RoundRow", "StateDB", "TaskRow"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-S = TypeVar("S", bound=enum.Enum)
-E = TypeVar("E", bound=enum.Enum)
-
-
-def _in(states: tuple[enum.Enum, ...]) -> tuple[str, tuple[str, ...]]:
-    """``IN (?, ...)`` and its values: the states a table lets take an event."""
-    return f"IN ({', '.join('?' * len(states))})", tuple(s.value for s in states)
-
-
-def _check_moved(
-    cur: sqlite3.Cursor,
-    c: sqlite3.Connection,
-    table: Transitions[S, E],
-    sql: str,
-    key: tuple[Any, ...],
-    subject: str,
-    event: E,
-    state_type: Callable[[str], S],
-    missing: Callable[[], Exception],
-) -> None:
-    """After a compare-and-set update: if it matched no row, raise why (the subject is
-    gone, or its state does not take ``event``: ``IllegalTransition``)."""
-    if cur.rowcount:
-        return
-    row = c.execute(sql, key).fetchone()
-    if row is None:
-        raise missing()
-    table.next(subject, state_type(row["state"]), event)
-    raise AssertionError(f"{subject}: UPDATE matched no row")  # unreachable
 
 
 def _no_job(job_id: str) -> NotFound:
@@ -188,14 +159,14 @@ class StateDB:
     def set_job_state(self, job_id: str, event: JobEvent, reason: str | None, now: float) -> None:
         """Move the job by ``event`` if ``JOBS`` allows it from where it is now, checked
         and written in one transaction; else ``IllegalTransition`` naming its state."""
-        where, before = _in(JOBS.sources(event))
+        where, before = in_states(JOBS.sources(event))
         with self._tx() as c:
             cur = c.execute(
                 "UPDATE jobs SET state = ?, reason = COALESCE(?, reason), updated_at = ? "
                 f"WHERE job_id = ? AND state {where}",
                 (JOBS.target(event).value, reason, now, job_id, *before),
             )
-            _check_moved(
+            check_moved(
                 cur,
                 c,
                 JOBS,
@@ -247,14 +218,14 @@ class StateDB:
     def _move_round(
         self, c: sqlite3.Connection, job_id: str, rnd: int, event: RoundEvent, now: float
     ) -> None:
-        where, before = _in(ROUNDS.sources(event))
+        where, before = in_states(ROUNDS.sources(event))
         new = ROUNDS.target(event)
         cur = c.execute(
             "UPDATE rounds SET state = ?, closed_at = CASE WHEN ? THEN ? ELSE closed_at END "
             f"WHERE job_id = ? AND round = ? AND state {where}",
             (new.value, new is RoundState.CLOSED, now, job_id, rnd, *before),
         )
-        _check_moved(
+        check_moved(
             cur,
             c,
             ROUNDS,
@@ -274,7 +245,7 @@ class StateDB:
     def close_round(self, job_id: str, rnd: int, now: float) -> None:
         """Close the round, expire its tasks still assigned (issued after the decision to
         close) and advance the job, in one transaction: never redone."""
-        where, before = _in(TASKS.sources(TaskEvent.EXPIRE))
+        where, before = in_states(TASKS.sources(TaskEvent.EXPIRE))
         with self._tx() as c:
             self._move_round(c, job_id, rnd, RoundEvent.CLOSE, now)
             c.execute(
@@ -290,7 +261,7 @@ class StateDB:
     def expire_tasks(self, task_ids: list[str], reason: str) -> None:
         """Expire those of the tasks still assigned: one the site committed or failed
         meanwhile keeps what it became."""
-        where, before = _in(TASKS.sources(TaskEvent.EXPIRE))
+        where, before = in_states(TASKS.sources(TaskEvent.EXPIRE))
         with self._tx() as c:
             for task_id in task_ids:
                 c.execute(
@@ -395,7 +366,7 @@ class StateDB:
     def _check_task_moved(
         self, cur: sqlite3.Cursor, c: sqlite3.Connection, task_id: str, event: TaskEvent
     ) -> None:
-        _check_moved(
+        check_moved(
             cur,
             c,
             TASKS,
@@ -411,7 +382,7 @@ class StateDB:
         """Reject an open task (the site cannot deliver); else the refusal is raised."""
         with self._tx() as c:
             self._check_writable(c, task_id)
-            where, before = _in(TASKS.sources(TaskEvent.REJECT))
+            where, before = in_states(TASKS.sources(TaskEvent.REJECT))
             cur = c.execute(
                 "UPDATE tasks SET state = ?, reason = ?, last_progress = ? "
                 f"WHERE task_id = ? AND state {where}",
@@ -426,7 +397,7 @@ class StateDB:
         """Commit an open task's update; else the refusal is raised and nothing changes."""
         with self._tx() as c:
             self._check_writable(c, task_id)
-            where, before = _in(TASKS.sources(TaskEvent.COMMIT))
+            where, before = in_states(TASKS.sources(TaskEvent.COMMIT))
             cur = c.execute(
                 "UPDATE tasks SET state = ?, num_samples = ?, metrics = ?, digest = ?, "
                 f"phase = ?, last_progress = ?, reason = NULL WHERE task_id = ? AND state {where}",

@@ -1,9 +1,15 @@
 """Checks an uploaded update must pass before it may touch the global model (blocking).
 
-Values are checked per segment in the bytes as they arrive (``SegmentValues``: whole
-elements inside the segment) and, at commit, the few elements that straddle a segment
-boundary; together that is every element exactly once, and the update is never read
-back for it.
+Float values (F64, F32, F16, BF16) must be finite. They are checked per segment in the
+bytes as they arrive (``SegmentValues``: whole elements inside the segment) and, at
+commit, the few elements that straddle a segment boundary; together that is every
+element exactly once, and the update is never read back for it.
+
+Integer and bool tensors are not averaged (``fl_server.aggregate``): an update must
+carry them exactly as the round's global model holds them. The update is laid out as
+that model, so ``SegmentValues`` compares each of their bytes in the segment with the
+model's bytes at the same file offset; a byte needs no neighbours, so nothing of them
+is left for the commit.
 The header is checked as soon as the segment holding it arrives, so an update with
 the wrong tensors is refused at its first segment, naming the tensor, rather than
 after the whole upload.
@@ -42,6 +48,31 @@ def _bad_values(spec: TensorSpec, first: int, vals: npt.NDArray[np.generic]) -> 
     )
 
 
+# bytes of the round's global model read at a time to compare carried tensors with
+COMPARE_BYTES = 64 * 1024
+
+
+def _carried_change(fd: int, spec: TensorSpec, a0: int, at: int, got: memoryview) -> str | None:
+    """Why the update's bytes ``got`` at file offset ``at``, inside carried tensor
+    ``spec`` (which starts at ``a0``), may not be taken, or None if they are those of
+    the round's global model, open at ``fd``."""
+    want = np.empty(min(got.nbytes, COMPARE_BYTES), dtype=np.uint8)
+    for off in range(0, got.nbytes, want.nbytes):
+        part = np.frombuffer(got[off : off + want.nbytes], dtype=np.uint8)
+        view = want[: part.nbytes]
+        if os.preadv(fd, [byte_view(view)], at + off) != part.nbytes:
+            raise ModelFormatError(f"the round's global model ends inside tensor {spec.name!r}")
+        diff = part != view
+        if diff.any():
+            element = (at + off + int(np.argmax(diff)) - a0) // spec.np_dtype.itemsize
+            return (
+                f"tensor {spec.name!r} differs from the round's global model (first at "
+                f"element {element}): {spec.dtype} tensors are not averaged, every update "
+                "must carry them unchanged"
+            )
+    return None
+
+
 def _check_elements(fd: int, layout: Layout, lo: int, hi: int, buf: np.ndarray) -> None:
     """Reject NaN/Inf among the whole float elements lying in file bytes [lo, hi)."""
     for spec in layout.tensors:
@@ -66,7 +97,8 @@ def _check_elements(fd: int, layout: Layout, lo: int, hi: int, buf: np.ndarray) 
 
 
 class SegmentValues:
-    """NaN/Inf among the whole float elements of file bytes [start, end), found in the
+    """NaN/Inf among the whole float elements of file bytes [start, end), and integer
+    or bool bytes that differ from the round's global model ``base``, found in the
     bytes of the segment as they are received, so the update is never read back.
 
     ``feed`` takes the segment's bytes in order, in pieces of any size; an element split
@@ -78,14 +110,16 @@ class SegmentValues:
 
     _KEEP = 7  # bytes of an element (at most 8) that can lie before a piece
 
-    def __init__(self, layout: Layout, start: int, end: int) -> None:
-        self._tensors = [
+    def __init__(self, layout: Layout, start: int, end: int, base: Path) -> None:
+        inside = [
             (a0, max(a0, start), min(a1, end), spec)
             for spec in layout.tensors
-            if spec.dtype in FLOAT_DTYPES
             for a0, a1 in [(layout.data_offset + spec.begin, layout.data_offset + spec.end)]
             if max(a0, start) < min(a1, end)
         ]
+        self._tensors = [t for t in inside if t[3].averaged]
+        self._carried = [t for t in inside if not t[3].averaged]
+        self._base = base
         self._pos = start
         self._tail = b""
         self.problem: str | None = None
@@ -110,6 +144,19 @@ class SegmentValues:
                 self.problem = self.problem or _bad_values(
                     spec, k0, np.frombuffer(whole, dtype=spec.np_dtype)
                 )
+        carried = [
+            (a0, max(pos, lo), min(stop, hi), spec)
+            for a0, lo, hi, spec in self._carried
+            if max(pos, lo) < min(stop, hi)
+        ]
+        if carried and self.problem is None:
+            fd = os.open(self._base, os.O_RDONLY)  # only for pieces holding carried bytes
+            try:
+                for a0, s, e, spec in carried:
+                    got = data[s - pos : e - pos]
+                    self.problem = self.problem or _carried_change(fd, spec, a0, s, got)
+            finally:
+                os.close(fd)
         self._tail = (self._tail + bytes(data[-self._KEEP :]))[-self._KEEP :]
         self._pos = stop
 
@@ -138,7 +185,8 @@ def check_header_early(path: Path, expected: Layout, received: int) -> None:
 
 
 def check_update(path: Path, expected: Layout, segment_bytes: int) -> None:
-    """At commit: the header matches the task's model, and boundary elements are finite."""
+    """At commit: the header matches the task's model, and boundary elements are finite
+    (carried tensors were compared whole, segment by segment, in ``SegmentValues``)."""
     try:
         got = read_layout(path)
     except Exception as exc:  # ModelFormatError, or garbage that fails to decode

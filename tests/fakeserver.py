@@ -17,6 +17,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from common import wire
 from common.http_client import Api, make_session
 from common.modelio import ModelWriter
 from common.tensorfile import Manifest
@@ -57,5 +58,27 @@ def file_ranges(path: Path) -> Handler:
         body = data[int(first) : int(last) + 1]
         headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}"}
         return web.Response(status=206, body=body, headers=headers)
+
+    return handler
+
+
+def job_status(
+    job_id: str, *, state: wire.JobState, round: int, num_rounds: int, model_bytes: int
+) -> Handler:
+    """A handler answering the admin's status request for one job (no rounds, no tasks)."""
+    info = wire.JobInfo(
+        job_id=job_id,
+        name="j",
+        state=state,
+        round=round,
+        num_rounds=num_rounds,
+        created_at=0.0,
+        updated_at=0.0,
+        model_bytes=model_bytes,
+    )
+    reply = wire.JobStatus(job=info, rounds=[], tasks=[]).model_dump_json()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response(text=reply)
 
     return handler

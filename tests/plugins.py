@@ -93,6 +93,28 @@ class FailOnSite:
         return self.inner.train(model, update, ctx)
 
 
+class ChangeOnSite:
+    """``add_epsilon``, except that site ``params['site']`` adds 1 to the first element
+    of the integer tensor ``params['tensor']``, which updates must carry unchanged."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.site, self.tensor = str(params["site"]), str(params["tensor"])
+        self.inner = AddEpsilon({"epsilon": float(params.get("epsilon", 0.001))})
+
+    def train(self, model: ModelReader, update: ModelWriter, ctx: TrainContext) -> TrainResult:
+        if ctx.site != self.site:
+            return self.inner.train(model, update, ctx)
+        for spec in model.layout.tensors:
+            for first, chunk in enumerate(model.iter_chunks(spec.name, 8 * MIB)):
+                if spec.averaged:
+                    np.add(chunk, chunk.dtype.type(self.inner.params.epsilon), out=chunk)
+                elif spec.name == self.tensor and first == 0:
+                    chunk[0] += 1
+                update.write(chunk, name=spec.name)
+                ctx.progress(chunk.nbytes)
+        return TrainResult(num_samples=ctx.num_samples)
+
+
 def runs(runs_file: Path) -> list[tuple[str, str]]:
     """What ``CountRuns`` wrote: one ``(site, task_id)`` per training run."""
     if not runs_file.exists():
@@ -118,6 +140,10 @@ def poison_at(params: dict[str, Any]) -> PoisonAt:
     return PoisonAt(params)
 
 
+def change_on_site(params: dict[str, Any]) -> ChangeOnSite:
+    return ChangeOnSite(params)
+
+
 def broken_factory(params: dict[str, Any]) -> SlowAddEpsilon:
     """A plugin whose set-up fails on every site: the factory raises before any training."""
     raise RuntimeError(f"licence server {params.get('licence_server', 'lic.invalid')} unreachable")
@@ -126,5 +152,12 @@ def broken_factory(params: dict[str, Any]) -> SlowAddEpsilon:
 # every factory above: the test cluster's sites allow them (allowed_trainers)
 PLUGINS = [
     f"tests.plugins:{name}"
-    for name in ("count_runs", "fail_on_site", "slow_add_epsilon", "poison_at", "broken_factory")
+    for name in (
+        "count_runs",
+        "fail_on_site",
+        "slow_add_epsilon",
+        "poison_at",
+        "change_on_site",
+        "broken_factory",
+    )
 ]

@@ -1,13 +1,15 @@
 """Typed admin calls against the server, shared by ``fl-admin`` and ``fl-poc``.
 
 Small replies go through ``Api.call``; list replies use ``RootModel`` wrappers so they
-validate the same way. The model download is the one call that moves bulk bytes: it
-streams the body to ``FILE.part`` in batches written from a thread, so memory stays at
+validate the same way. ``download_model`` is ``fl-poc``'s fetch of the models it checks
+with numpy, over a loopback it started itself: one plain GET, no resume (``fl-admin
+download`` resumes and checks digests: ``fl_client.admin.download``). It streams the
+body to ``FILE.part`` in batches written from a thread, so memory stays at
 one batch whatever the model size, and only a checked file is renamed into place. The
 check reads the file's safetensors header (and nothing else): it must parse and
 describe exactly the bytes received, which must be the job's model size as the server
-reports it. The admin routes carry no digest of the model, so a byte changed inside
-the tensor data would go unnoticed here; TLS protects it on the way.
+reports it. It reads no manifest, so a byte changed inside the tensor data would go
+unnoticed here (fl-poc compares the tensors with numpy afterwards).
 """
 
 from __future__ import annotations

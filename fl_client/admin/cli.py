@@ -25,7 +25,7 @@ from common.config import AdminConfig, JobConfig
 from common.config_load import load_config, load_yaml, parse_config
 from common.errors import ConfigError, FLError, TransferError
 from common.http_client import Api, make_session
-from fl_client.admin import api, render
+from fl_client.admin import api, download, download_view, render
 from fl_client.admin.progress import JobTracker
 
 PROG = "fl-admin"
@@ -73,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
         "delete", help="delete an ended job and all its files on the server (abort it first)"
     )
     p.add_argument("job_id", metavar="JOB_ID")
-    p = sub.add_parser("download", help="download a job's global model")
+    p = sub.add_parser(
+        "download",
+        help="download a job's global model, resumably, checked against its manifest",
+        description=(
+            "Download a job's global model in segments, each checked against the round's "
+            "manifest. Run it again with the same arguments after a break or a kill: it "
+            "resumes from the segments already verified (kept in .FILE.fl-download beside "
+            "FILE). A job whose input model was a sharded checkpoint is written as its "
+            "shards into the folder FILE. Progress goes to stderr, the paths written to "
+            "stdout."
+        ),
+    )
     p.add_argument("job_id", metavar="JOB_ID")
     p.add_argument("-o", "--output", metavar="FILE", type=Path, required=True)
     p.add_argument(
@@ -229,11 +240,15 @@ async def cmd_abort(a: Api, args: argparse.Namespace) -> int:
 
 
 async def cmd_download(a: Api, args: argparse.Namespace) -> int:
-    written = await api.download_model(a, args.job_id, args.output, round=args.round)
+    view = download_view.make_view(sys.stderr)
+    written = await download.download(a, args.job_id, args.output, round=args.round, view=view)
+    total = sum(w.nbytes for w in written)
     if args.json:
-        print(json.dumps({"path": str(args.output), "bytes": written}))
+        files = [str(w.path) for w in written]
+        print(json.dumps({"path": str(args.output), "bytes": total, "files": files}))
     else:
-        print(f"wrote {written} bytes ({humanize.size(written)}) to {args.output}")
+        for w in written:
+            print(f"wrote {w.nbytes} bytes ({humanize.size(w.nbytes)}) to {w.path}")
     return 0
 
 

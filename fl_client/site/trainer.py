@@ -65,7 +65,10 @@ class Trainer(Protocol):
 
 
 class AddEpsilon:
-    """Adds ``epsilon`` to every element, chunk by chunk: the stand-in for local training."""
+    """Adds ``epsilon`` to every float element, chunk by chunk, in the tensor's own type:
+    the stand-in for local training. Integer and bool tensors are copied unchanged: the
+    server does not average them and refuses an update that changes them.
+    """
 
     in_place = True  # each chunk is read, then written back to where it came from
 
@@ -83,7 +86,8 @@ class AddEpsilon:
             for first in range(0, spec.numel, step):
                 chunk = buf[: min(step, spec.numel - first)]
                 model.read_into(spec, first, chunk)
-                np.add(chunk, epsilon, out=chunk)
+                if spec.averaged:
+                    np.add(chunk, epsilon, out=chunk)
                 update.write(chunk, name=spec.name)
                 ctx.progress(chunk.nbytes)
         return TrainResult(num_samples=ctx.num_samples, metrics={"epsilon": self.params.epsilon})

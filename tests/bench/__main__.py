@@ -4,6 +4,7 @@ processes on loopback, at two model sizes and once more inside a memory cgroup.
     python -m tests.bench                        # 128 MiB and 4 GiB models, 1 GiB cgroup
     python -m tests.bench --tensor-mib 2 --tensor-mib 16 --cgroup-mib 512
     python -m tests.bench --tls off              # no extra run over mutual TLS
+    python -m tests.bench --dtype float16 --dtype bfloat16  # float16, one bf16 run
 
 Prints one JSON line per job run, then one summary line with the targets. Throughput is
 model bytes moved (rounds x clients x 2 directions x model size) per second of the
@@ -12,7 +13,9 @@ the same run on the same workspace disk: read before the first job and after eve
 job, and the median of those readings counts (the rate of a shared machine's disk moves
 a lot from one minute to the next). By default one more run at the largest size has
 every daemon talk mutual TLS with a project provisioned for the run, so the two modes
-can be compared.
+can be compared. The models are float32 (``--dtype``); by default one more run at the
+largest size has a bfloat16 model, whose updates the server averages in float64 and
+rounds to bfloat16. Every job line names its ``dtype``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ RSS_LIMIT_MIB = 300
 
 
 def run_job(
-    root: Path, tensor_mib: int, args: argparse.Namespace, cgroup: MemCgroup | None, tls: bool
+    root: Path,
+    tensor_mib: int,
+    args: argparse.Namespace,
+    cgroup: MemCgroup | None,
+    tls: bool,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     cluster = Cluster(
         root,
@@ -58,7 +66,7 @@ def run_job(
                 "kind": "generated",
                 "num_tensors": args.tensors,
                 "tensor_mib": tensor_mib,
-                "dtype": "float32",
+                "dtype": dtype,
                 "init": "normal",
             },
             "trainer": {"name": "add_epsilon", "params": {"epsilon": 0.001}},
@@ -77,6 +85,7 @@ def run_job(
         moved = args.rounds * args.clients * 2 * model_bytes
         result: dict[str, Any] = {
             "tls": tls,
+            "dtype": dtype,
             "model_bytes": model_bytes,
             "tensor_mib": tensor_mib,
             "state": status["job"]["state"],
@@ -128,6 +137,15 @@ def main() -> None:
         ),
     )
     parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64", "float16", "bfloat16"],
+        action="append",
+        help=(
+            "element type of the models; the first is that of every run, each further one "
+            "adds a run at the largest size (default: float32, plus one bfloat16 run)"
+        ),
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -135,6 +153,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     sizes = args.tensor_mib or [2, 64]
+    main_dtype, *more_dtypes = args.dtype or ["float32", "bfloat16"]
     base = Path(tempfile.mkdtemp(prefix="fl-bench-", dir=args.workdir))
     results: list[dict[str, Any]] = []
     disk_readings: list[float] = []
@@ -153,13 +172,16 @@ def main() -> None:
             flush=True,
         )
         tls_all = args.tls == "on"
-        runs: list[tuple[int, bool, bool]] = [(s, False, tls_all) for s in sizes]
+        runs: list[tuple[int, bool, bool, str]] = [(s, False, tls_all, main_dtype) for s in sizes]
         if args.cgroup_mib:
-            runs.append((max(sizes), True, tls_all))
+            runs.append((max(sizes), True, tls_all, main_dtype))
         if args.tls == "both":
-            runs.append((max(sizes), False, True))
-        for tensor_mib, limited, tls in runs:
-            root = base / f"run-{tensor_mib}{'-cgroup' if limited else ''}{'-tls' if tls else ''}"
+            runs.append((max(sizes), False, True, main_dtype))
+        runs += [(max(sizes), False, tls_all, d) for d in more_dtypes]
+        for tensor_mib, limited, tls, dtype in runs:
+            root = base / (
+                f"run-{tensor_mib}{'-cgroup' if limited else ''}{'-tls' if tls else ''}-{dtype}"
+            )
             root.mkdir()
             cgroup = None
             if limited:
@@ -169,7 +191,7 @@ def main() -> None:
                     print(json.dumps({"cgroup_run": "skipped", "why": str(exc)}), flush=True)
                     continue
             try:
-                res = run_job(root, tensor_mib, args, cgroup, tls)
+                res = run_job(root, tensor_mib, args, cgroup, tls, dtype)
             finally:
                 if cgroup is not None:
                     cgroup.remove()
@@ -190,10 +212,16 @@ def main() -> None:
     )
     for res in results:
         res["throughput_vs_disk"] = round(res["throughput_gbps"] / disk, 3)
-    print(json.dumps(summarize(results, disk)), flush=True)
+    print(json.dumps(summarize(results, disk, main_dtype)), flush=True)
 
 
-def summarize(results: list[dict[str, Any]], disk_gbps: float) -> dict[str, Any]:
+def summarize(
+    results: list[dict[str, Any]], disk_gbps: float, main_dtype: str = "float32"
+) -> dict[str, Any]:
+    """The targets, from the runs of ``main_dtype``; the other dtypes' runs (one each, at
+    the largest size) add their throughput under ``throughput_gbps_by_dtype``."""
+    others = [r for r in results if r["dtype"] != main_dtype]
+    results = [r for r in results if r["dtype"] == main_dtype]
     free = [r for r in results if "cgroup" not in r and not r["tls"]]
     limited = [r for r in results if "cgroup" in r]
     secure = [r for r in results if r["tls"] and "cgroup" not in r]
@@ -224,7 +252,11 @@ def summarize(results: list[dict[str, Any]], disk_gbps: float) -> dict[str, Any]
         r = limited[0]
         out["cgroup_job_finished"] = r["state"] == "finished" and r["cgroup"]["oom_kill"] == 0
         out["cgroup_max_usage_mib"] = round(r["cgroup"]["max_usage_bytes"] / MIB, 1)
-    out["all_finished"] = all(r["state"] == "finished" for r in results)
+    if others:
+        out["throughput_gbps_by_dtype"] = {
+            r["dtype"]: r["throughput_gbps"] for r in [*free[-1:], *others]
+        }
+    out["all_finished"] = all(r["state"] == "finished" for r in [*results, *others])
     return out
 
 

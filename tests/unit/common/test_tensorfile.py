@@ -6,6 +6,7 @@ import json
 import struct
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 import pydantic
@@ -14,6 +15,7 @@ import safetensors.numpy
 
 from common.errors import ModelFormatError, UpdateRejected
 from common.tensorfile import (
+    CARRIED_DTYPES,
     FLOAT_DTYPES,
     MAX_HEADER_BYTES,
     Layout,
@@ -22,6 +24,7 @@ from common.tensorfile import (
     element_window,
     header_length,
     numpy_dtype,
+    numpy_dtype_named,
     parse_file_header,
     parse_header,
     plan_layout,
@@ -63,7 +66,11 @@ def _entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, obje
         ("I16", "int16", 2),
         ("I8", "int8", 1),
         ("U8", "uint8", 1),
+        ("U16", "uint16", 2),
+        ("U32", "uint32", 4),
+        ("U64", "uint64", 8),
         ("BOOL", "bool", 1),
+        ("BF16", "bfloat16", 2),
     ],
 )
 def test_dtype_mapping(st: str, np_name: str, itemsize: int) -> None:
@@ -82,10 +89,39 @@ def test_numpy_dtype_is_little_endian() -> None:
 
 
 def test_float_dtypes() -> None:
-    assert frozenset({"F64", "F32", "F16"}) == FLOAT_DTYPES
+    assert frozenset({"F64", "F32", "F16", "BF16"}) == FLOAT_DTYPES
+    assert (
+        frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}) == CARRIED_DTYPES
+    )
 
 
-@pytest.mark.parametrize("bad", ["BF16", "F8_E4M3", "f32", "", "U16"])
+def test_bf16_is_ml_dtypes_bfloat16() -> None:
+    assert numpy_dtype("BF16") == np.dtype(ml_dtypes.bfloat16)
+    assert st_dtype(ml_dtypes.bfloat16) == "BF16"
+    assert numpy_dtype_named("bfloat16") == numpy_dtype("BF16")
+    assert numpy_dtype_named("float16") == numpy_dtype("F16")
+    # 1.0 in bfloat16 is 0x3F80, little-endian on disk
+    assert np.array([1.0], dtype=numpy_dtype("BF16")).tobytes() == b"\x80\x3f"
+
+
+@pytest.mark.parametrize(
+    ("st", "why"),
+    [
+        ("F8_E4M3", "8-bit floats"),
+        ("F8_E5M2", "8-bit floats"),
+        ("F8_E8M0", "8-bit floats"),
+        ("F4", "sub-byte floats"),
+        ("F6_E3M2", "sub-byte floats"),
+        ("C64", "complex"),
+        ("F128", "not a safetensors tensor type"),
+    ],
+)
+def test_refused_dtypes_say_why(st: str, why: str) -> None:
+    with pytest.raises(ModelFormatError, match=f"unsupported tensor dtype {st!r}: .*{why}"):
+        numpy_dtype(st)
+
+
+@pytest.mark.parametrize("bad", ["C64", "F8_E4M3", "f32", "", "bf16"])
 def test_numpy_dtype_unsupported(bad: str) -> None:
     with pytest.raises(ModelFormatError, match="unsupported tensor dtype") as exc:
         numpy_dtype(bad)
@@ -93,7 +129,7 @@ def test_numpy_dtype_unsupported(bad: str) -> None:
     assert "F32" in str(exc.value)  # lists the supported ones
 
 
-@pytest.mark.parametrize("bad", [np.complex64, np.uint16, np.uint32, "U5"])
+@pytest.mark.parametrize("bad", [np.complex64, ml_dtypes.float8_e4m3fn, np.longdouble, "U5"])
 def test_st_dtype_unsupported(bad: object) -> None:
     with pytest.raises(ModelFormatError, match="unsupported numpy dtype"):
         st_dtype(bad)  # type: ignore[arg-type]
@@ -196,8 +232,8 @@ def test_plan_layout_rejects_duplicates_and_reserved_name() -> None:
         plan_layout([("a", "F32", (1,)), ("a", "F32", (2,))])
     with pytest.raises(ModelFormatError, match="__metadata__"):
         plan_layout([("__metadata__", "F32", (1,))])
-    with pytest.raises(ModelFormatError, match="unsupported tensor dtype 'BF16'"):
-        plan_layout([("a", "BF16", (1,))])
+    with pytest.raises(ModelFormatError, match="unsupported tensor dtype 'F8_E4M3'"):
+        plan_layout([("a", "F8_E4M3", (1,))])
 
 
 @pytest.mark.parametrize("delta", [-1, 1, 8, -61])
@@ -238,8 +274,8 @@ def test_parse_header_rejects_shape_offset_mismatch() -> None:
 
 
 def test_parse_header_rejects_unsupported_dtype() -> None:
-    head = _head({"a": _entry("BF16", [2], 0, 4)})
-    with pytest.raises(ModelFormatError, match="unsupported tensor dtype 'BF16'"):
+    head = _head({"a": _entry("C64", [2], 0, 16)})
+    with pytest.raises(ModelFormatError, match="unsupported tensor dtype 'C64'"):
         parse_header(head, file_size=len(head) + 4)
 
 
@@ -369,8 +405,8 @@ def test_parse_header_rejects_invalid_dims(shape: list[object]) -> None:
 
 
 def test_parse_header_unsupported_dtype_names_tensor() -> None:
-    head = _head({"w": _entry("BF16", [2], 0, 4)})
-    with pytest.raises(ModelFormatError, match=r"^tensor 'w': unsupported tensor dtype 'BF16'"):
+    head = _head({"w": _entry("F8_E5M2", [2], 0, 2)})
+    with pytest.raises(ModelFormatError, match=r"^tensor 'w': unsupported tensor dtype 'F8_E5M2'"):
         parse_header(head, file_size=len(head) + 4)
 
 

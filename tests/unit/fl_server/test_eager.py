@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.modelio import ModelWriter, compute_manifest
+from common.modelio import ModelReader, ModelWriter, compute_manifest
 from fl_server import eager
 from fl_server.aggregate import Source, finalize
 from fl_server.core.early import EarlyRound
@@ -35,12 +35,12 @@ def _updates(tmp_path: Path, n: int, metadata: dict[str, str] | None) -> list[Pa
 def test_written_in_any_order_of_steps_it_is_the_plain_aggregate_byte_for_byte(
     tmp_path: Path, n: int, metadata: dict[str, str] | None
 ) -> None:
-    paths = _updates(tmp_path, n, metadata)
+    *paths, base = _updates(tmp_path, n + 1, metadata)  # the last one is the round's model
     layout = compute_manifest(paths[0], SEGMENT).layout
     sources = [Source(p, float(w)) for p, w in zip(paths, (2, 5, 1), strict=False)]
     total = sum(s.weight or 0 for s in sources)
     plain = tmp_path / "plain.st"
-    want = finalize(sources, layout, total, plain, SEGMENT, 4096)
+    want = finalize(sources, layout, total, plain, SEGMENT, 4096, base=base)
 
     part, out = tmp_path / "eager.part", tmp_path / "eager.st"
     order = [2, 0, 3, 1, 5, 4]  # out of file order; "w" early, so some segments complete
@@ -48,7 +48,7 @@ def test_written_in_any_order_of_steps_it_is_the_plain_aggregate_byte_for_byte(
     for i in range(0, len(order) - 2, 2):  # the last two left for the close
         step = order[i : i + 2]
         digests, state.unsynced = eager.write_step(
-            part, layout, sources, total, step, state, SEGMENT, 4096
+            part, layout, sources, total, step, state, SEGMENT, 4096, base=base
         )
         state.digests.update(digests)
         state.done.update(step)
@@ -57,9 +57,14 @@ def test_written_in_any_order_of_steps_it_is_the_plain_aggregate_byte_for_byte(
     assert all(want.segment_digests[k] == d for k, d in state.digests.items())
     assert len(state.digests) < want.num_segments
     rest = order[len(order) - 2 :]
-    digests, _ = eager.write_step(part, layout, sources, total, rest, state, SEGMENT, 4096)
+    digests, _ = eager.write_step(
+        part, layout, sources, total, rest, state, SEGMENT, 4096, base=base
+    )
     state.digests.update(digests)
     got = eager.finish(part, layout, SEGMENT, state.digests, out)
     assert got == want
     assert out.read_bytes() == plain.read_bytes()
     assert not part.exists()
+    # the integer tensor is the base model's, not an average of the updates
+    with ModelReader(out) as got_model, ModelReader(base) as base_model:
+        np.testing.assert_array_equal(got_model.read_tensor("q"), base_model.read_tensor("q"))

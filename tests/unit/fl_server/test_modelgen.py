@@ -10,9 +10,10 @@ import pytest
 
 from common.config import FileModel, GeneratedModel
 from common.errors import Forbidden, ModelFormatError
-from common.modelio import ModelWriter, compute_manifest, read_layout
+from common.modelio import ModelReader, ModelWriter, compute_manifest, read_layout
+from common.tensorfile import numpy_dtype
 from fl_server.aggregate import Source, finalize, fold
-from fl_server.modelgen import model_source, prepare_initial
+from fl_server.modelgen import model_source, prepare_initial, tensor_shape
 from fl_server.threads import Stopped
 
 SEGMENT = 64 * 1024
@@ -69,7 +70,16 @@ def test_aggregation_stops_between_chunks_and_leaves_nothing(tmp_path: Path) -> 
     with pytest.raises(Stopped):
         fold(sources, layout, tmp_path / "acc-2.f64", 4096, _stopped_after(3))
     with pytest.raises(Stopped):
-        finalize(sources, layout, 3.0, tmp_path / "round-1.st", SEGMENT, 4096, _stopped_after(3))
+        finalize(
+            sources,
+            layout,
+            3.0,
+            tmp_path / "round-1.st",
+            SEGMENT,
+            4096,
+            _stopped_after(3),
+            base=tmp_path / "u0.st",
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u0.st", "u1.st"]
 
 
@@ -100,3 +110,16 @@ def test_a_file_that_is_no_model_is_refused_without_echoing_its_bytes(tmp_path: 
         prepare_initial(FileModel(path=text), tmp_path / "out.st", SEGMENT, model_dirs=(tmp_path,))
     leaked = int.from_bytes(b"root:x:0", "little")
     assert "root" not in err.value.message and str(leaked) not in err.value.message
+
+
+def test_a_bfloat16_model_is_generated_in_bf16(tmp_path: Path) -> None:
+    spec = GeneratedModel(num_tensors=2, tensor_shape=[300, 7], dtype="bfloat16", seed=4)
+    man = prepare_initial(spec, tmp_path / "m.st", SEGMENT)
+    assert [t.dtype for t in man.layout.tensors] == ["BF16", "BF16"]
+    with ModelReader(tmp_path / "m.st") as r:
+        got = r.read_tensor("layer00001")
+    # drawn in float32 and rounded to nearest even, as float16 models are
+    want = np.random.default_rng([4, 1]).standard_normal(2100, dtype=np.float32)
+    assert got.tobytes() == want.astype(numpy_dtype("BF16")).reshape(300, 7).tobytes()
+    sized = GeneratedModel(num_tensors=1, tensor_mib=1, dtype="bfloat16")
+    assert tensor_shape(sized) == (512 * 1024,)

@@ -12,7 +12,7 @@ from aiohttp import web
 from common import wire
 from common.errors import ModelFormatError
 from fl_client.admin import api
-from tests.fakeserver import Handler, make_model, serve
+from tests.fakeserver import Handler, job_status, make_model, serve
 
 JOB_ID = "job1"
 
@@ -23,26 +23,18 @@ def _server(
     """The two admin routes the download uses; ``body`` replaces the model's bytes."""
     size = model.stat().st_size
 
-    async def status(request: web.Request) -> web.StreamResponse:
-        info = wire.JobInfo(
-            job_id=JOB_ID,
-            name="j",
-            state=wire.JobState.FINISHED,
-            round=1,
-            num_rounds=1,
-            created_at=0.0,
-            updated_at=0.0,
-            model_bytes=size if model_bytes is None else model_bytes,
-        )
-        reply = wire.JobStatus(job=info, rounds=[], tasks=[])
-        return web.json_response(text=reply.model_dump_json())
-
     async def model_file(request: web.Request) -> web.StreamResponse:
         data = body if body is not None else await asyncio.to_thread(model.read_bytes)
         return web.Response(body=data)
 
     return {
-        ("GET", wire.JOB.format(job_id=JOB_ID)): status,
+        ("GET", wire.JOB.format(job_id=JOB_ID)): job_status(
+            JOB_ID,
+            state=wire.JobState.FINISHED,
+            round=1,
+            num_rounds=1,
+            model_bytes=size if model_bytes is None else model_bytes,
+        ),
         ("GET", wire.JOB_MODEL.format(job_id=JOB_ID)): model_file,
     }
 

@@ -280,8 +280,8 @@ def _update(path: Path, seed: int) -> Path:
 class Files:
     """Carries out file effects the way ``RoundFiles`` does, synchronously."""
 
-    def __init__(self, root: Path, layout: Layout) -> None:
-        self.root, self.layout = root, layout
+    def __init__(self, root: Path, layout: Layout, base: Path) -> None:
+        self.root, self.layout, self.base = root, layout, base
         self.early_path = root / "early.part"
 
     def path(self, item: Input) -> Path:
@@ -313,6 +313,7 @@ class Files:
                         early,
                         SEGMENT,
                         512,
+                        base=self.base,
                     )
                     later += c.handle(EarlyWritten(tensors, digests, unsynced))
                     if isinstance(effect, FinishEarly):
@@ -320,7 +321,9 @@ class Files:
                         eager.finish(self.early_path, self.layout, SEGMENT, c.early.digests, out)
                         later += c.handle(Finalized(len(early.done)))
                 case Aggregate(inputs, total):
-                    aggregate.finalize(self.sources(inputs), self.layout, total, out, SEGMENT, 512)
+                    aggregate.finalize(
+                        self.sources(inputs), self.layout, total, out, SEGMENT, 512, base=self.base
+                    )
                     later += c.handle(Finalized(None))
         return later
 
@@ -331,7 +334,7 @@ def test_early_and_plain_aggregation_give_the_same_model(tmp_path: Path, declare
     layout = compute_manifest(paths[0], SEGMENT).layout
     weights = {"t-a": 2.0, "t-b": 7.0, "t-c": 3.0}
     c = RoundCore(1, layout, SEGMENT, RoundRules(min_clients=3, train_timeout=None), 0.0)
-    files = Files(tmp_path, layout)
+    files = Files(tmp_path, layout, paths[0])
     out = tmp_path / ("early.st" if declare else "plain.st")
     feed(c, *assigned("a", "b", "c"))
     if declare:
@@ -350,7 +353,7 @@ def test_early_and_plain_aggregation_give_the_same_model(tmp_path: Path, declare
     assert files.run(c, closing, out) == [CloseRound(3, 12.0, closing_how(declare))]
     plain = tmp_path / "numpy.st"
     sources = [Source(p, weights[p.stem]) for p in paths]
-    aggregate.finalize(sources, layout, 12.0, plain, SEGMENT, 4096)
+    aggregate.finalize(sources, layout, 12.0, plain, SEGMENT, 4096, base=paths[0])
     assert out.read_bytes() == plain.read_bytes()
 
 
