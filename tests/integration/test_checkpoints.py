@@ -14,7 +14,7 @@ import safetensors
 import safetensors.numpy
 
 from common.checkpoint import INDEX_NAME, CheckpointLayout, write_checkpoint
-from tests.cluster import ApiError, Cluster, small_job, tasks_of
+from tests.cluster import ApiError, Cluster, fl_admin, small_job, tasks_of
 from tests.expected import expected_after
 
 pytestmark = pytest.mark.integration
@@ -99,6 +99,14 @@ def test_a_three_shard_checkpoint_comes_back_in_its_own_layout(cluster: Cluster)
     moved = want["embed.weight"]
     assert not np.array_equal(moved, initial["embed.weight"]), "the model did not move"
     assert json.loads((out / INDEX_NAME).read_text()) == index
+
+    # fl-admin download writes the same files through the same layout
+    by_cli = cluster.root / "by-cli"
+    run = fl_admin("--server", cluster.url, "download", job_id, "--round", "2", "-o", str(by_cli))
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in by_cli.iterdir()) == sorted(p.name for p in out.iterdir())
+    for p in out.iterdir():
+        assert (by_cli / p.name).read_bytes() == p.read_bytes(), p.name
 
     with pytest.raises(ApiError) as err:
         cluster.get("/v1/admin/jobs/no-such-job/checkpoint")
