@@ -30,12 +30,13 @@ from common.recycle import FilePool
 from common.storage import allocate
 from common.tensorfile import (
     HEADER_LEN_BYTES,
+    FileHeader,
     Layout,
     Manifest,
     TensorSpec,
     element_window,
     header_length,
-    parse_header,
+    parse_file_header,
     plan_layout,
 )
 
@@ -218,21 +219,35 @@ def same_head(path: Path, layout: Layout, metadata: dict[str, str] | None = None
         return f.read(len(head)) == head
 
 
-def read_layout(path: Path) -> Layout:
-    size = path.stat().st_size
+def read_header(path: Path) -> FileHeader:
+    """The header of the file at ``path``, checked against the file's size."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(HEADER_LEN_BYTES)
         n = header_length(prefix)
         head = prefix + f.read(n)
-    return parse_header(head, file_size=size)
+    return parse_file_header(head, file_size=size)
+
+
+def read_layout(path: Path) -> Layout:
+    return read_header(path).layout
 
 
 class ModelReader:
-    """Chunked, read-only access to a model file; never loads a whole tensor by itself."""
+    """Chunked, read-only access to a model file; never loads a whole tensor by itself.
+
+    ``metadata`` is the file's ``__metadata__`` when the reader read the header itself
+    (no ``layout`` given): a writer of an update that must match the model's header
+    needs it (``ModelWriter(..., metadata=reader.metadata)``).
+    """
 
     def __init__(self, path: Path, layout: Layout | None = None) -> None:
         self.path = path
-        self.layout = layout if layout is not None else read_layout(path)
+        self.metadata: dict[str, str] | None = None
+        if layout is None:
+            header = read_header(path)
+            layout, self.metadata = header.layout, header.metadata
+        self.layout = layout
         self._fd = os.open(path, os.O_RDONLY)
 
     def close(self) -> None:

@@ -1,9 +1,14 @@
 """The model file format: safetensors layout, and the manifest that describes a file.
 
-A file is an 8-byte little-endian header length N, N bytes of JSON header (padded with
-spaces to a multiple of 8), then the raw little-endian tensor bytes, contiguous, in the
-order of the header's ``data_offsets``. Anyone can open it with
-``safetensors.numpy.load_file``. This module is pure: bytes and values in, values out.
+A file is an 8-byte little-endian header length N, N bytes of JSON header, then the raw
+little-endian tensor bytes, contiguous, in the order of the header's ``data_offsets``.
+Anyone can open it with ``safetensors.numpy.load_file``. ``parse_file_header`` reads
+every header the safetensors library reads (any spacing, key order, padding,
+``__metadata__``); ``plan_layout`` writes one layout only, the server's own (compact
+JSON, ``__metadata__`` first, tensors in data order, padded with spaces to a multiple
+of 8). Files are compared by layout, so every model inside a job has that layout
+(``fl_server.modelgen`` rewrites a user's file into it; ``common.checkpoint`` writes it
+back out in the user's). This module is pure: bytes and values in, values out.
 
 The manifest adds what moving the file needs: its size, the segment size, one digest
 per segment and the whole digest. It travels as JSON in tasks.
@@ -15,6 +20,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 import ml_dtypes
@@ -248,9 +254,50 @@ def _parse_entry(name: str, entry: object) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
 
-def parse_header(head: bytes, *, file_size: int | None) -> Layout:
-    """Parse and validate the header bytes (length prefix included) of a file.
+@dataclass(frozen=True)
+class FileHeader:
+    """What a file's header says: where its tensors lie, and its ``__metadata__``."""
 
+    layout: Layout
+    metadata: dict[str, str] | None
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads`` keeps the last of two equal keys; a header that names a tensor twice
+    is ambiguous (readers disagree on which one is meant), so it is refused."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ModelFormatError(f"header names {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _parse_metadata(value: object) -> dict[str, str] | None:
+    """``__metadata__``: a JSON object of strings to strings (``null`` reads as none), as
+    the safetensors library reads it."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ModelFormatError(
+            f"header's '__metadata__' must be an object of strings, got {type(value).__name__}"
+        )
+    for key, v in value.items():
+        if not isinstance(v, str):
+            raise ModelFormatError(
+                f"header's '__metadata__' must be an object of strings: {key!r} is "
+                f"{type(v).__name__}"
+            )
+    return dict(value)
+
+
+def parse_file_header(head: bytes, *, file_size: int | None) -> FileHeader:
+    """Parse and validate the header bytes (length prefix included) of any valid file.
+
+    Valid is what the safetensors library reads: any JSON spacing and key order, padding
+    with spaces, ``__metadata__`` anywhere in the object, tensors listed in any order
+    as long as their ``data_offsets``, sorted, cover the data from byte 0 to its end
+    without a gap or an overlap. The layout lists the tensors in data order.
     ``file_size=None`` skips the check against the file's size, for a header read
     before the rest of the file has arrived.
     """
@@ -258,11 +305,14 @@ def parse_header(head: bytes, *, file_size: int | None) -> Layout:
     if len(head) < HEADER_LEN_BYTES + n:
         raise ModelFormatError("file ends inside its header")
     try:
-        obj = json.loads(head[HEADER_LEN_BYTES : HEADER_LEN_BYTES + n])
+        obj = json.loads(
+            head[HEADER_LEN_BYTES : HEADER_LEN_BYTES + n], object_pairs_hook=_no_duplicates
+        )
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ModelFormatError("header must be a JSON object")
+    metadata = _parse_metadata(obj.get("__metadata__"))
     specs: list[TensorSpec] = []
     for name, entry in obj.items():
         if name == "__metadata__":
@@ -278,14 +328,26 @@ def parse_header(head: bytes, *, file_size: int | None) -> Layout:
     pos = 0
     for s in specs:
         if s.begin != pos:
-            raise ModelFormatError(f"tensor {s.name!r}: data is not contiguous at byte {pos}")
+            how = (
+                f"a gap of {s.begin - pos} bytes before it"
+                if s.begin > pos
+                else f"it begins {pos - s.begin} bytes inside the tensor before it"
+            )
+            raise ModelFormatError(
+                f"tensor {s.name!r}: data is not contiguous at byte {pos} ({how})"
+            )
         pos = s.end
     layout = Layout(tensors=tuple(specs), data_offset=HEADER_LEN_BYTES + n)
     if file_size is not None and layout.file_size != file_size:
         raise ModelFormatError(
             f"file is {file_size} bytes but its header describes {layout.file_size}"
         )
-    return layout
+    return FileHeader(layout=layout, metadata=metadata)
+
+
+def parse_header(head: bytes, *, file_size: int | None) -> Layout:
+    """The layout of ``parse_file_header``: where every tensor lies."""
+    return parse_file_header(head, file_size=file_size).layout
 
 
 def check_same_layout(got: Layout, expected: Layout) -> None:

@@ -1,5 +1,5 @@
-"""Handlers for admins: submit, list, status, abort, delete, download a job's model, list
-clients."""
+"""Handlers for admins: submit, list, status, abort, delete, download a job's model and
+its checkpoint layout, list clients."""
 
 from __future__ import annotations
 
@@ -181,6 +181,21 @@ async def job_model(request: web.Request) -> web.StreamResponse:
         executor=request.app[SENDERS],
         on_sent=request.app[METRICS].result_sent,
     )
+
+
+async def job_checkpoint(request: web.Request) -> web.Response:
+    """How the job's model came in (``common.checkpoint.CheckpointLayout``): what a
+    download needs to write any round's model out in that layout."""
+    db = request.app[DB]
+    job = await db.run(db.get_job, request.match_info["job_id"])
+    layout = await asyncio.to_thread(request.app[WORKSPACE].load_checkpoint, job.job_id)
+    if layout is None:
+        raise NotFound(
+            f"job {job.job_id} has no checkpoint layout: its initial model is not prepared "
+            f"yet (job {job.state.value}), or it was prepared by an older server",
+            field="job_id",
+        )
+    return json_reply(layout)
 
 
 async def job_manifest(request: web.Request) -> web.Response:

@@ -72,6 +72,7 @@ def build_app(cfg: ServerConfig, ws: Workspace) -> web.Application:
     r.add_post(wire.JOB_ABORT, api_admin.abort_job)
     r.add_delete(wire.JOB, api_admin.delete_job)
     r.add_get(wire.JOB_MODEL, api_admin.job_model)
+    r.add_get(wire.JOB_CHECKPOINT, api_admin.job_checkpoint)
     r.add_get(wire.JOB_MANIFEST, api_admin.job_manifest)
     r.add_get(wire.CLIENTS, api_admin.list_clients)
     r.add_get(wire.UPLOADS, api_uploads.list_uploads)

@@ -1,7 +1,7 @@
 """What the server can tell about a job when it is submitted, before it takes anything.
 
-A job whose initial model is a file must name one under the server's ``model_dirs``
-(``fl_server.modelgen.model_source``), and a job must fit the server's disk at its
+A job whose initial model is a file must name a valid checkpoint under the server's
+``model_dirs`` (``fl_server.modelgen.open_checkpoint``), and a job must fit the server's disk at its
 peak (``fl_server.core.disk``): better refused now, with the numbers, than failed hours
 later with a full disk.
 """
@@ -13,26 +13,15 @@ import shutil
 from pathlib import Path
 
 from common import humanize
-from common.config import MIB, GeneratedModel, JobConfig, ModelSpec, UploadedModel
-from common.errors import ConfigError, StorageError
-from common.modelio import read_layout
+from common.config import MIB, FileModel, GeneratedModel, JobConfig, ModelSpec, UploadedModel
+from common.errors import StorageError
 from fl_server.core import disk
-from fl_server.modelgen import model_source, tensor_shape
+from fl_server.modelgen import open_checkpoint, tensor_shape
 from fl_server.staging import Staging
 
 # header bytes allowed for per tensor of a generated model: its JSON entry
 HEADER_BYTES_PER_TENSOR = 256
 ITEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def _files_size(source: Path) -> tuple[int, int]:
-    """Bytes and elements of a model file, or of the ``.safetensors`` shards in a folder."""
-    files = sorted(source.glob("*.safetensors")) if source.is_dir() else [source]
-    layouts = [read_layout(f) for f in files]
-    return (
-        sum(layout.file_size for layout in layouts),
-        sum(t.numel for layout in layouts for t in layout.tensors),
-    )
 
 
 def model_size(
@@ -46,13 +35,12 @@ def model_size(
         return data + model.num_tensors * HEADER_BYTES_PER_TENSOR + MIB, model.num_tensors * numel
     if isinstance(model, UploadedModel):
         assert staging is not None, "uploaded models need the server's staging"
-        return _files_size(staging.staged_source(model.upload_id))
-    source = model_source(model, model_dirs)
-    if not source.exists():
-        raise ConfigError(
-            f"model.path: {model.path} is not a file on the server", field="model.path"
-        )
-    return _files_size(source)
+        upload_id = model.upload_id
+        model = FileModel(path=staging.staged_source(upload_id))
+        model_dirs = (staging.model_dir(upload_id),)
+    # the file the checkpoint becomes inside the job; reading its headers also checks it
+    layout, _ = open_checkpoint(model, model_dirs).plan()
+    return layout.file_size, sum(t.numel for t in layout.tensors)
 
 
 def check_fits(

@@ -173,11 +173,12 @@ class JobRunner(JobBook):
                 log.info("job %s: preparing the initial model", job_id)
                 path, segment_bytes = self.ws.model_path(job_id, 0), self.cfg.segment_bytes
                 dirs, staged = self.cfg.allowed_model_dirs, self.staging
+                ckpt = self.ws.checkpoint_path(job_id)
                 with on_disk("initial model", path, "write"):
                     man = await run_stoppable(
                         None,
                         lambda stop: prepare_initial(
-                            cfg.model, path, segment_bytes, stop, dirs, staged
+                            cfg.model, path, segment_bytes, stop, dirs, ckpt, staged
                         ),
                     )
                     await asyncio.to_thread(self.ws.save_manifest, job_id, 0, man)

@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from common.checkpoint import CheckpointLayout
 from common.errors import ConfigError
 from common.recycle import FilePool
 from common.storage import on_disk
@@ -66,6 +67,19 @@ class Workspace:
     def model_path(self, job_id: str, rnd: int) -> Path:
         """Global model after round ``rnd`` (round 0: the initial model)."""
         return self.job_dir(job_id) / "models" / f"round-{rnd}.safetensors"
+
+    def checkpoint_path(self, job_id: str) -> Path:
+        """How the job's initial model was laid out (``common.checkpoint``), written when
+        it is prepared: every round's model is written out in that layout on download.
+        Beside ``models/``, not in it: that folder holds round models only, which the
+        job's ``keep:`` drops."""
+        return self.job_dir(job_id) / "checkpoint.json"
+
+    def load_checkpoint(self, job_id: str) -> CheckpointLayout | None:
+        path = self.checkpoint_path(job_id)
+        if not path.exists():
+            return None
+        return CheckpointLayout.model_validate_json(path.read_text())
 
     def manifest_path(self, job_id: str, rnd: int) -> Path:
         return self.job_dir(job_id) / "models" / f"round-{rnd}.manifest.json"

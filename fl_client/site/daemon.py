@@ -116,9 +116,12 @@ def _train(
         if reader.layout != man.layout:
             raise ModelFormatError(f"{model_path} does not match the task's manifest")
         with on_disk("model", model_path, "read"):
+            # the update's header is the model's, __metadata__ included: the server
+            # compares the two layouts, and the header's length is part of them
+            meta = reader.metadata
             over = (
                 model_path
-                if _writes_in_place(trainer) and same_head(model_path, man.layout)
+                if _writes_in_place(trainer) and same_head(model_path, man.layout, meta)
                 else None
             )
         with on_disk("update", update_path, "create"):
@@ -130,6 +133,7 @@ def _train(
                 update_path,
                 man.layout,
                 segment_bytes=man.segment_bytes,
+                metadata=meta,
                 durable=False,
                 over=over,
                 pool=pool,

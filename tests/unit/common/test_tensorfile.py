@@ -25,6 +25,7 @@ from common.tensorfile import (
     header_length,
     numpy_dtype,
     numpy_dtype_named,
+    parse_file_header,
     parse_header,
     plan_layout,
     st_dtype,
@@ -507,3 +508,101 @@ def test_check_same_layout_different_order() -> None:
 def test_check_same_layout_different_header_size() -> None:
     with pytest.raises(UpdateRejected, match="laid out differently"):
         check_same_layout(_layout(BASE, metadata={"pad": "x" * 40}), _layout(BASE))
+
+
+# --- headers as other tools write them -------------------------------------------------
+
+
+def test_a_safetensors_library_file_parses_with_its_metadata() -> None:
+    values: dict[str, npt.NDArray[Any]] = {
+        "w": np.ones((2, 3), dtype=np.float32),
+        "b": np.arange(3, dtype=np.int64),
+    }
+    blob = safetensors.numpy.save(values, metadata={"format": "pt", "note": "x y"})
+    header = parse_file_header(blob, file_size=len(blob))
+    assert header.metadata == {"format": "pt", "note": "x y"}
+    assert {t.name for t in header.layout.tensors} == {"w", "b"}
+
+
+def _hand_made(text: str, data_bytes: int) -> tuple[bytes, int]:
+    raw = text.encode()
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, len(head) + data_bytes
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # keys in another order than the data, metadata last, pretty-printed
+        '{\n  "b": {"data_offsets": [8, 12], "shape": [1], "dtype": "F32"},\n'
+        '  "a": {"shape": [2], "dtype": "F32", "data_offsets": [0, 8]},\n'
+        '  "__metadata__": {"format": "pt"}\n}',
+        # leading spaces, spaces everywhere, long trailing padding
+        '   { "__metadata__" : { "format" : "pt" } , "a" : { "dtype" : "F32" , "shape" : [ 2 ] ,'
+        ' "data_offsets" : [ 0 , 8 ] } , "b" : { "dtype" : "F32" , "shape" : [ 1 ] , '
+        '"data_offsets" : [ 8 , 12 ] } }' + " " * 61,
+        # unpadded, compact, metadata in the middle, an extra key in an entry
+        '{"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12],"x":1},'
+        '"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+    ],
+    ids=["reordered-pretty", "spaced-padded", "compact-extra-key"],
+)
+def test_parse_file_header_accepts_any_valid_spacing_order_and_padding(text: str) -> None:
+    head, size = _hand_made(text, 12)
+    data = np.arange(3, dtype=np.float32).tobytes()
+    assert set(safetensors.numpy.load(head + data)) == {"a", "b"}  # the library reads it
+    header = parse_file_header(head, file_size=size)
+    assert [t.name for t in header.layout.tensors] == ["a", "b"]
+    assert header.metadata == {"format": "pt"}
+    assert header.layout.data_offset == len(head)
+
+
+def test_offsets_listed_out_of_order_with_zero_size_tensors_parse_in_data_order() -> None:
+    obj = {
+        "z": _entry("F32", [0], 4, 4),
+        "last": _entry("U8", [2], 4, 6),
+        "first": _entry("F32", [1], 0, 4),
+        "empty": _entry("F32", [0, 3], 0, 0),
+    }
+    head = _head(obj)
+    assert set(safetensors.numpy.load(head + bytes(6))) == set(obj)
+    layout = parse_header(head, file_size=len(head) + 6)
+    assert [t.name for t in layout.tensors] == ["empty", "first", "z", "last"]
+
+
+@pytest.mark.parametrize(
+    ("obj", "words"),
+    [
+        ({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [1], 12, 16)}, "a gap of 4 bytes"),
+        ({"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)}, "4 bytes inside"),
+    ],
+    ids=["gap", "overlap"],
+)
+def test_gaps_and_overlaps_are_refused_naming_the_tensor(obj: object, words: str) -> None:
+    head = _head(obj)
+    with pytest.raises(ModelFormatError, match=f"tensor 'b': data is not contiguous.*{words}"):
+        parse_header(head, file_size=len(head) + 16)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"__metadata__": {"k": 1}}', "'k' is int"),
+        ('{"__metadata__": [1]}', "object of strings, got list"),
+        (
+            '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},'
+            '"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}',
+            "names 'a' twice",
+        ),
+    ],
+    ids=["metadata-value", "metadata-list", "duplicate"],
+)
+def test_malformed_metadata_and_a_name_given_twice_are_refused(text: str, words: str) -> None:
+    head, _ = _hand_made(text, 0)
+    with pytest.raises(ModelFormatError, match=words):
+        parse_file_header(head, file_size=None)
+
+
+def test_null_metadata_reads_as_none() -> None:
+    head, size = _hand_made('{"__metadata__": null}', 0)
+    assert parse_file_header(head, file_size=size).metadata is None
