@@ -103,7 +103,11 @@ async def serve(cfg: ServerConfig) -> int:
 
 async def _serve(cfg: ServerConfig, app: web.Application) -> int:
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_timeout_s, access_log=None
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=cfg.shutdown_timeout_s,
+        keepalive_timeout=cfg.limits.idle_timeout_s,  # only between requests
+        access_log=None,
     )
     await runner.setup()
     jobs: asyncio.Task[None] | None = None
