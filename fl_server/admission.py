@@ -24,21 +24,29 @@ pending connection, only a site or an admin an authenticated one.
 - Idle. Between requests aiohttp closes an authenticated connection after ``idle_s``
   (its ``keepalive_timeout``, which never fires while a request is in progress).
 
-Nothing here touches a socket or a clock: callers pass ``now``. ``LogBudget`` bounds
-the log lines a flood of such closes may cause.
+Nothing here touches a socket, and only ``CloseLog`` the clock (callers pass ``now``
+to the rest). ``LogBudget`` bounds the log lines a flood of closes may cause: a few per
+reason and window, the rest summed up in one line when the window ends; the metric
+counts every one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Generic, TypeVar
 
 from common.config import ServerLimits
 
 K = TypeVar("K", bound=Hashable)
+
+log = logging.getLogger("fl_server.listener")  # where the gate's own lines are
+LOG_BURST = 3  # lines per reason and window before the rest are summed up
+LOG_WINDOW_S = 10.0
 
 
 class Phase(Enum):
@@ -95,6 +103,36 @@ class Deadlines:
         """Whether a close the server made itself on an authenticated connection was the
         idle bound: none of its requests was in progress and ``idle_s`` had passed."""
         return in_requests == 0 and since_last_request_s >= self.idle_s
+
+
+def close_line(
+    reason: Reason, peer: str, entry: Entry | None, now: float, open_connections: int
+) -> str:
+    """The log line on closing ``peer``'s connection (``entry``, None for a newcomer) for
+    ``reason``: what it did not do in time, and the setting that decided it."""
+    age = 0.0 if entry is None else now - entry.accepted_at
+    if reason is Reason.EVICTED:
+        phase = "" if entry is None else f" ({entry.phase.value})"
+        what = (
+            f"to make room for a new one: {open_connections} connections open "
+            f"(limits.max_connections) and this one not authenticated after {age:.1f} s"
+            f"{phase}"
+        )
+    elif reason is Reason.HANDSHAKE_TIMEOUT:
+        what = (
+            f"TLS handshake not done {age:.1f} s after connecting "
+            "(limits.tls_handshake_timeout_s, request_head_timeout_s)"
+        )
+    elif reason is Reason.HEAD_TIMEOUT:
+        what = f"no whole request head {age:.1f} s after connecting (limits.request_head_timeout_s)"
+    elif reason is Reason.BUSY:
+        return (
+            f"connection from {peer} answered 503: {open_connections} connections open "
+            "(limits.max_connections), all of them authenticated"
+        )
+    else:
+        what = f"idle {age:.1f} s after connecting"
+    return f"closed connection from {peer}: {what}"
 
 
 class Decision(Enum):
@@ -192,3 +230,43 @@ class LogBudget(Generic[K]):
     def take_held_back(self, kind: K) -> int:
         """Events of ``kind`` without a line of their own since the last call."""
         return self._held_back.pop(kind, 0)
+
+
+@dataclass
+class CloseLog:
+    """Closes the gate makes: counted in the metrics, logged within a budget."""
+
+    count: Callable[[Reason], None]
+    budget: LogBudget[Reason] = field(
+        default_factory=lambda: LogBudget(burst=LOG_BURST, window_s=LOG_WINDOW_S)
+    )
+    summaries: dict[Reason, asyncio.TimerHandle] = field(default_factory=dict)
+
+    def note(self, reason: Reason, line: str) -> None:
+        self.count(reason)
+        if reason is Reason.IDLE:  # routine: counted, not logged
+            log.debug("%s", line)
+            return
+        loop = asyncio.get_running_loop()
+        if self.budget.allow(reason, loop.time()):
+            log.warning("%s", line)
+        elif reason not in self.summaries:  # the first held back: sum up when the window ends
+            self.summaries[reason] = loop.call_later(LOG_WINDOW_S, self._summarise, reason)
+
+    def _summarise(self, reason: Reason) -> None:
+        del self.summaries[reason]
+        held = self.budget.take_held_back(reason)
+        if held:
+            log.warning(
+                "%d more connections closed (%s) in the last %.0f s, not logged one by one; "
+                "fl_server_connections_closed in /metrics counts them all",
+                held,
+                reason.value,
+                LOG_WINDOW_S,
+            )
+
+    def close(self) -> None:
+        """Drop the summaries still to come (shutdown)."""
+        for handle in self.summaries.values():
+            handle.cancel()
+        self.summaries.clear()

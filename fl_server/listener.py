@@ -13,7 +13,7 @@ one task per socket; every accepted connection goes through the ``Gate``:
    pending connection past its deadline (``request_head_timeout_s``) is closed by a
    timer of its own. These closes abort the connection (no TLS close_notify to wait
    for), are counted in ``fl_server_connections_closed`` and logged within a
-   ``LogBudget``.
+   ``CloseLog``.
 2. Set-up. ``loop.connect_accepted_socket`` makes the transport, with TLS, and hands it
    to a fresh aiohttp request handler, exactly as ``create_server`` would, through a
    ``_Watch`` that tells the gate when the connection is made and lost. The handshake's
@@ -40,24 +40,30 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
 
 from common.config import ServerConfig, ServerLimits
 from common.errors import ServerBusy
-from common.tls import certificate_info, describe_handshake_failure, server_context
-from fl_server.admission import Book, Deadlines, Decision, Entry, LogBudget, Phase, Reason
-from fl_server.handshake import Attempt, AttemptContext, ContextPool
+from common.tls import describe_handshake_failure
+from fl_server.admission import (
+    Book,
+    CloseLog,
+    Deadlines,
+    Decision,
+    Entry,
+    Phase,
+    Reason,
+    close_line,
+)
+from fl_server.handshake import Attempt, ContextPool
 from fl_server.metrics import METRICS
 
 log = logging.getLogger("fl_server.listener")
 
 RequestHandlerFn = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-LOG_BURST = 3  # lines per reason and window before the rest are summed up
-LOG_WINDOW_S = 10.0
 HANDSHAKE_BACKSTOP_S = 5.0  # the loop's own handshake timeout, after the gate's
 
 
@@ -107,46 +113,6 @@ class _Watch(asyncio.Protocol):
         self._gate.lost(self._conn, exc)
 
 
-@dataclass
-class _Closes:
-    """Closes the gate makes: counted in the metrics, logged within a budget."""
-
-    count: Callable[[Reason], None]
-    budget: LogBudget[Reason] = field(
-        default_factory=lambda: LogBudget(burst=LOG_BURST, window_s=LOG_WINDOW_S)
-    )
-    summaries: dict[Reason, asyncio.TimerHandle] = field(default_factory=dict)
-
-    def note(self, reason: Reason, line: str) -> None:
-        self.count(reason)
-        if reason is Reason.IDLE:  # routine: counted, not logged
-            log.debug("%s", line)
-            return
-        loop = asyncio.get_running_loop()
-        if self.budget.allow(reason, loop.time()):
-            log.warning("%s", line)
-        elif reason not in self.summaries:
-            when = LOG_WINDOW_S
-            self.summaries[reason] = loop.call_later(when, self._summarise, reason)
-
-    def _summarise(self, reason: Reason) -> None:
-        del self.summaries[reason]
-        held = self.budget.take_held_back(reason)
-        if held:
-            log.warning(
-                "%d more connections closed (%s) in the last %.0f s, not logged one by one; "
-                "fl_server_connections_closed in /metrics counts them all",
-                held,
-                reason.value,
-                LOG_WINDOW_S,
-            )
-
-    def close(self) -> None:
-        for handle in self.summaries.values():
-            handle.cancel()
-        self.summaries.clear()
-
-
 class Gate:
     """Decides where each accepted connection goes, and sets it up (see the docstring)."""
 
@@ -163,7 +129,7 @@ class Gate:
         self._book: Book[_Conn] = Book(limits.max_connections)
         self._deadlines = Deadlines.from_limits(limits)
         self._contexts = contexts
-        self._closes = _Closes(count)
+        self._closes = CloseLog(count)
         self._by_transport: dict[asyncio.BaseTransport, _Conn] = {}
         self._setting_up: set[asyncio.Task[None]] = set()
         main.request_handler = self._authenticating(main.request_handler)
@@ -209,17 +175,14 @@ class Gate:
         verdict = self._book.admit()
         if verdict.victim is not None:
             self._close(verdict.victim, Reason.EVICTED, now)
-        server = self._main
-        if verdict.decision is Decision.BUSY:
-            server = self._busy
-            self._closes.note(
-                Reason.BUSY,
-                f"connection from {peer} answered 503: {len(self._book) + 1} connections "
-                "open (limits.max_connections), all of them authenticated",
-            )
         conn = _Conn(peer, sock, last_request_end=now)
         self._book.add(conn, now, Phase.HANDSHAKE if self.tls else Phase.HEAD)
         self._arm(conn)
+        server = self._main
+        if verdict.decision is Decision.BUSY:
+            server = self._busy
+            line = close_line(Reason.BUSY, peer, None, now, len(self._book))
+            self._closes.note(Reason.BUSY, line)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = loop.create_task(self._set_up(conn, server))
@@ -286,7 +249,8 @@ class Gate:
         if ours and self._deadlines.closed_when_idle(
             in_requests=conn.in_requests, since_last_request_s=since
         ):
-            self._closes.note(Reason.IDLE, f"closed idle connection from {conn.peer}")
+            now = asyncio.get_running_loop().time()
+            self._closes.note(Reason.IDLE, close_line(Reason.IDLE, conn.peer, entry, now, 0))
 
     def _forget(self, conn: _Conn) -> Entry | None:
         self._disarm(conn)
@@ -329,17 +293,8 @@ class Gate:
             conn.transport.abort()  # a hostile peer gets no TLS goodbye to wait on
         elif conn.setup is not None:
             conn.setup.cancel()  # mid-handshake: the loop closes the socket
-        age = now - entry.accepted_at
-        what = {
-            Reason.EVICTED: f"to make room for a new one: {len(self._book) + 1} connections "
-            f"open (limits.max_connections) and this one not authenticated after "
-            f"{age:.1f} s ({entry.phase.value})",
-            Reason.HANDSHAKE_TIMEOUT: f"TLS handshake not done {age:.1f} s after connecting "
-            "(limits.tls_handshake_timeout_s, request_head_timeout_s)",
-            Reason.HEAD_TIMEOUT: f"no whole request head {age:.1f} s after connecting "
-            "(limits.request_head_timeout_s)",
-        }.get(reason, reason.value)
-        self._closes.note(reason, f"closed connection from {conn.peer}: {what}")
+        line = close_line(reason, conn.peer, entry, now, len(self._book) + 1)
+        self._closes.note(reason, line)
 
     async def close(self) -> None:
         """Abandon connections still being set up, and the gate's timers (shutdown)."""
@@ -430,18 +385,7 @@ class GatedSite(web.BaseSite):
 
 # --- assembly from the configuration --------------------------------------------------
 
-HANDSHAKE_CONTEXTS = 64  # handshakes at once that can tell a refused peer why
-CERT_WARN_BEFORE = timedelta(days=30)
 BACKLOG = 256
-
-
-def build_contexts(cfg: ServerConfig) -> ContextPool | None:
-    """The TLS contexts of all handshakes, None without TLS (blocking: reads the
-    certificate, key and CA files; call once at start-up, in a worker thread)."""
-    if cfg.tls is None:
-        return None
-    files = cfg.tls
-    return ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
 
 
 def build_site(runner: web.AppRunner, cfg: ServerConfig, contexts: ContextPool | None) -> GatedSite:
@@ -455,27 +399,3 @@ def build_site(runner: web.AppRunner, cfg: ServerConfig, contexts: ContextPool |
         count=lambda reason: closed.labels(reason.value).inc(),
     )
     return GatedSite(runner, cfg.host, cfg.port, gate, backlog=BACKLOG)
-
-
-def describe_security(cfg: ServerConfig) -> tuple[int, str]:
-    """The start-up log line on TLS: its level and text."""
-    if cfg.tls is None:
-        return logging.WARNING, (
-            "TLS is off: plain HTTP, and the X-FL-Client header names the caller, so anyone "
-            "who can connect can act as any site or admin. For loopback demos only; "
-            "provision certificates with fl-provision and add a tls: section"
-        )
-    info = certificate_info(cfg.tls.cert)
-    text = (
-        f"mutual TLS on: presenting {info.subject} (valid until "
-        f"{info.not_after:%Y-%m-%d %H:%M} UTC); callers need certificates signed by "
-        f"{cfg.tls.ca}"
-    )
-    left = info.not_after - datetime.now(UTC)
-    if left < CERT_WARN_BEFORE:
-        state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} days"
-        return logging.WARNING, (
-            f"{text}. The server's certificate {state}: sites will refuse it; renew it "
-            "with fl-provision (remove the server folder, run again, deploy it)"
-        )
-    return logging.INFO, text
