@@ -102,7 +102,8 @@ class TlsFiles(_Frozen):
 
 
 class ServerLimits(_Frozen):
-    """Bounds on what authenticated peers may hold open, so one cannot starve the others."""
+    """Bounds on what peers may hold open, so that none starves the others and nobody
+    unauthenticated takes the room of sites and admins."""
 
     max_connections: PositiveInt = Field(
         1024,

@@ -135,7 +135,7 @@ def test_a_flood_from_the_sites_address_locks_out_no_site_or_admin(
     assert admin.state == "finished", c.logs()
     assert c.status(job_id)["job"]["state"] == "finished"
     # nobody authenticated was refused for lack of room
-    assert admin.outcomes["503"] == 0 and admin.outcomes["ok"] > 10, admin.outcomes
+    assert admin.outcomes["503"] == 0 and admin.outcomes["ok"] >= 3, admin.outcomes
     assert "server_busy" not in log_text(c, "site-1")
     assert flood.opened >= 1000, (flood.opened, flood.failed)
     # every flood connection was closed by the server, none later than its deadline
