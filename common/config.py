@@ -106,13 +106,16 @@ class TlsFiles(_Frozen):
 
 
 class ServerLimits(_Frozen):
-    """Bounds on what authenticated peers may hold open, so one cannot starve the others."""
+    """Bounds on what peers may hold open, so that none starves the others and nobody
+    unauthenticated takes the room of sites and admins."""
 
     max_connections: PositiveInt = Field(
         1024,
         description=(
-            "Open connections at once, TLS handshakes included. A connection beyond it is "
-            "answered 503 server_busy and closed."
+            "Open connections at once, TLS handshakes included. At it, a new connection "
+            "closes the oldest one that has not authenticated yet (TLS handshake or first "
+            "request head still to come) and takes its place; only when every open "
+            "connection is authenticated is it answered 503 server_busy and closed."
         ),
     )
     max_uploads_per_client: PositiveInt = Field(
@@ -137,8 +140,29 @@ class ServerLimits(_Frozen):
             "one); more are answered 429 too_many_requests."
         ),
     )
+    request_head_timeout_s: PositiveFloat = Field(
+        15.0,
+        description=(
+            "Seconds a new connection has, from its accept, to complete the TLS handshake "
+            "and send the whole head (request line and headers) of its first request; "
+            "past it, it is closed."
+        ),
+    )
     tls_handshake_timeout_s: PositiveFloat = Field(
-        30.0, description="Seconds a new connection has to complete the TLS handshake."
+        10.0,
+        description=(
+            "Seconds a new connection has to complete the TLS handshake. The handshake "
+            "also counts against request_head_timeout_s: the smaller bound applies."
+        ),
+    )
+    idle_timeout_s: PositiveFloat = Field(
+        75.0,
+        description=(
+            "Seconds a keep-alive connection may wait between requests before the server "
+            "closes it; a request in progress (a long-poll, a long transfer) is never idle. "
+            "Keep it above the clients' own keep-alive (15 s), so that the client is the "
+            "one to drop an unused connection."
+        ),
     )
 
 

@@ -29,9 +29,10 @@ from fl_server import api_admin, api_client, api_uploads, metrics
 from fl_server.app_keys import CONFIG, DB, LIMITS, RUNNER, SENDERS, STAGING, UPLOADS, WORKSPACE
 from fl_server.auth import auth_middleware
 from fl_server.filesend import send_executor
+from fl_server.handshake import build_contexts, describe_security
 from fl_server.http_util import error_middleware
 from fl_server.limits import Limits
-from fl_server.listener import build_contexts, build_site, describe_security
+from fl_server.listener import build_site
 from fl_server.runner import JobRunner
 from fl_server.state import StateDB
 from fl_server.workspace import Workspace
@@ -110,7 +111,11 @@ async def serve(cfg: ServerConfig) -> int:
 
 async def _serve(cfg: ServerConfig, app: web.Application) -> int:
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=cfg.shutdown_timeout_s, access_log=None
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=cfg.shutdown_timeout_s,
+        keepalive_timeout=cfg.limits.idle_timeout_s,  # only between requests
+        access_log=None,
     )
     await runner.setup()
     jobs: asyncio.Task[None] | None = None

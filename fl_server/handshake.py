@@ -22,18 +22,25 @@ borrowed a handshake uses a shared context without an attempt, and a refusal goe
 ordinary way: closed without an alert, the reason still logged. Security never depends
 on any of this: a refused handshake raises its error again on every later call, and a
 connection is used only after the handshake succeeded without a recorded error.
+
+At start-up, ``build_contexts`` makes the pool from the ``tls:`` files and
+``describe_security`` words the log line on TLS and the server certificate's expiry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
+from common.config import ServerConfig
 from common.errors import RequestError
+from common.tls import certificate_info, server_context
 
 PLAIN_HTTP = RequestError(
     "this server accepts only HTTPS with a client certificate of its project (mutual TLS): "
@@ -121,3 +128,42 @@ class ContextPool:
         if ctx is not self._shared:
             ctx.attempt = None
             self._free.append(ctx)
+
+
+# --- at start-up -------------------------------------------------------------------
+
+HANDSHAKE_CONTEXTS = 64  # handshakes at once that can tell a refused peer why
+CERT_WARN_BEFORE = timedelta(days=30)
+
+
+def build_contexts(cfg: ServerConfig) -> ContextPool | None:
+    """The TLS contexts of all handshakes, None without TLS (blocking: reads the
+    certificate, key and CA files; call once at start-up, in a worker thread)."""
+    if cfg.tls is None:
+        return None
+    files = cfg.tls
+    return ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
+
+
+def describe_security(cfg: ServerConfig) -> tuple[int, str]:
+    """The start-up log line on TLS: its level and text."""
+    if cfg.tls is None:
+        return logging.WARNING, (
+            "TLS is off: plain HTTP, and the X-FL-Client header names the caller, so anyone "
+            "who can connect can act as any site or admin. For loopback demos only; "
+            "provision certificates with fl-provision and add a tls: section"
+        )
+    info = certificate_info(cfg.tls.cert)
+    text = (
+        f"mutual TLS on: presenting {info.subject} (valid until "
+        f"{info.not_after:%Y-%m-%d %H:%M} UTC); callers need certificates signed by "
+        f"{cfg.tls.ca}"
+    )
+    left = info.not_after - datetime.now(UTC)
+    if left < CERT_WARN_BEFORE:
+        state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} days"
+        return logging.WARNING, (
+            f"{text}. The server's certificate {state}: sites will refuse it; renew it "
+            "with fl-provision (remove the server folder, run again, deploy it)"
+        )
+    return logging.INFO, text

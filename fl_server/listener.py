@@ -1,21 +1,33 @@
-"""Accepting connections: the connection limit, the TLS handshake, then aiohttp.
+"""Accepting connections: admission, the TLS handshake, then aiohttp.
 
 Theory of operation. ``GatedSite`` binds the listening sockets itself and accepts in
 one task per socket; every accepted connection goes through the ``Gate``:
 
-1. Counting. Open connections are those being set up (accepted, handshake under way)
-   plus the connections of the application's aiohttp server and of the gate's own
-   *busy* server. At ``limits.max_connections`` a new connection is still accepted but
-   handed to the busy server, whose only answer is 503 ``server_busy`` and a close:
-   the caller gets a clear error instead of a reset, and a flood cannot exhaust file
-   descriptors or memory.
-2. Set-up. ``loop.connect_accepted_socket`` makes the transport, with TLS under the
-   handshake timeout, and hands it to a fresh aiohttp request handler, exactly as
-   ``create_server`` would. The difference is the context: each handshake borrows one
-   from ``fl_server.handshake.ContextPool`` that knows the connection, so a refused
-   peer is sent the reason, and the gate logs the refusal with the peer's address and
-   that reason. aiohttp's ``TCPSite`` leaves the handshake to the loop, which drops a
-   refusal without a word to either side.
+1. Admission. The gate keeps a ``fl_server.admission.Book`` of every open connection
+   and its phase (TLS handshake, waiting for its first request head, authenticated).
+   Below ``limits.max_connections`` a newcomer is taken; at it, the oldest connection
+   that has not authenticated is closed to make room, and only when all are
+   authenticated is the newcomer handed to the gate's *busy* server, whose only answer
+   is 503 ``server_busy`` and a close: a caller gets a clear error instead of a reset,
+   and a flood can neither exhaust file descriptors nor lock sites and admins out. A
+   pending connection past its deadline (``request_head_timeout_s``) is closed by a
+   timer of its own. These closes abort the connection (no TLS close_notify to wait
+   for), are counted in ``fl_server_connections_closed`` and logged within a
+   ``CloseLog``.
+2. Set-up. ``loop.connect_accepted_socket`` makes the transport, with TLS, and hands it
+   to a fresh aiohttp request handler, exactly as ``create_server`` would, through a
+   ``_Watch`` that tells the gate when the connection is made and lost. The handshake's
+   context comes from ``fl_server.handshake.ContextPool`` and knows the connection, so a
+   refused peer is sent the reason, and the gate logs the refusal with the peer's
+   address and that reason. aiohttp's ``TCPSite`` leaves the handshake to the loop,
+   which drops a refusal without a word to either side.
+3. Authentication. The gate wraps the request handler of the application's server: the
+   first call for a connection means a whole request head arrived (and, with TLS, the
+   handshake checked the client's certificate: the context requires one), so the
+   connection is authenticated and no longer a candidate for closing. Between requests
+   aiohttp closes it after ``idle_timeout_s`` (``keepalive_timeout``, set where the
+   runner is built); the gate counts such a close as ``idle`` when it finds no request
+   of the connection in progress and that long since its last one.
 
 Every task has an owner: accept loops belong to the site, set-ups to the gate; both are
 cancelled and awaited on stop. Established connections drain as aiohttp's runner
@@ -27,16 +39,78 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
-from common.config import ServerConfig
+from common.config import ServerConfig, ServerLimits
 from common.errors import ServerBusy
-from common.tls import certificate_info, describe_handshake_failure, server_context
-from fl_server.handshake import Attempt, AttemptContext, ContextPool
+from common.tls import describe_handshake_failure
+from fl_server.admission import (
+    Book,
+    CloseLog,
+    Deadlines,
+    Decision,
+    Entry,
+    Phase,
+    Reason,
+    close_line,
+)
+from fl_server.handshake import Attempt, ContextPool
+from fl_server.metrics import METRICS
 
 log = logging.getLogger("fl_server.listener")
+
+RequestHandlerFn = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+HANDSHAKE_BACKSTOP_S = 5.0  # the loop's own handshake timeout, after the gate's
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One accepted connection, as the gate sees it (the key of its ``Book``)."""
+
+    peer: str
+    sock: socket.socket
+    last_request_end: float
+    setup: asyncio.Task[None] | None = None
+    started: bool = False  # the set-up task ran: the loop owns the socket now
+    transport: asyncio.Transport | None = None
+    timer: asyncio.TimerHandle | None = None
+    closed_for: Reason | None = None
+    peer_ended: bool = False
+    in_requests: int = 0
+
+
+class _Watch(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with the gate told when it is made and lost."""
+
+    def __init__(self, inner: asyncio.Protocol, conn: _Conn, gate: Gate) -> None:
+        self._inner = inner
+        self._conn = conn
+        self._gate = gate
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._gate.connected(self._conn, cast(asyncio.Transport, transport))
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._conn.peer_ended = True
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+        self._gate.lost(self._conn, exc)
 
 
 class Gate:
@@ -46,67 +120,108 @@ class Gate:
         self,
         main: web.Server,
         *,
-        max_connections: int,
+        limits: ServerLimits,
         contexts: ContextPool | None,
-        handshake_timeout_s: float,
+        count: Callable[[Reason], None],
     ) -> None:
         self._main = main
         self._busy = web.Server(self._answer_busy)
-        self._max_connections = max_connections
+        self._book: Book[_Conn] = Book(limits.max_connections)
+        self._deadlines = Deadlines.from_limits(limits)
         self._contexts = contexts
-        self._handshake_timeout_s = handshake_timeout_s
+        self._closes = CloseLog(count)
+        self._by_transport: dict[asyncio.BaseTransport, _Conn] = {}
         self._setting_up: set[asyncio.Task[None]] = set()
+        main.request_handler = self._authenticating(main.request_handler)
 
     @property
     def tls(self) -> bool:
         return self._contexts is not None
 
     def open_connections(self) -> int:
-        return len(self._setting_up) + len(self._main.connections) + len(self._busy.connections)
+        return len(self._book)
 
     async def _answer_busy(self, request: web.BaseRequest) -> web.StreamResponse:
         err = ServerBusy(
             f"server busy: {self.open_connections()} connections open, its limit is "
-            f"{self._max_connections} (limits.max_connections); retry later"
+            f"{self._book.max_connections} (limits.max_connections); retry later"
         )
         resp = web.json_response(err.to_wire(), status=err.http_status)
         resp.force_close()
         return resp
 
-    def accept(self, conn: socket.socket, peer: str) -> None:
-        """Take a freshly accepted connection; set-up continues in a task of the gate."""
-        server = self._main
-        if self.open_connections() >= self._max_connections:
-            server = self._busy
-            log.warning(
-                "connection from %s answered 503: %d connections open (limits.max_connections)",
-                peer,
-                self.open_connections(),
-            )
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.get_running_loop().create_task(self._set_up(conn, peer, server))
-        self._setting_up.add(task)
-        task.add_done_callback(self._setting_up.discard)
+    def _authenticating(self, handler: RequestHandlerFn) -> RequestHandlerFn:
+        """``handler``, first marking the request's connection authenticated."""
 
-    async def _set_up(self, conn: socket.socket, peer: str, server: web.Server) -> None:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            conn = self._by_transport.get(request.transport) if request.transport else None
+            if conn is None:  # gone already: nothing to keep track of
+                return await handler(request)
+            if self._book.advance(conn, Phase.AUTHENTICATED) is not None:
+                self._disarm(conn)
+            conn.in_requests += 1
+            try:
+                return await handler(request)
+            finally:
+                conn.in_requests -= 1
+                conn.last_request_end = asyncio.get_running_loop().time()
+
+        return handle
+
+    def accept(self, sock: socket.socket, peer: str) -> None:
+        """Take a freshly accepted connection; set-up continues in a task of the gate."""
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        verdict = self._book.admit()
+        if verdict.victim is not None:
+            self._close(verdict.victim, Reason.EVICTED, now)
+        conn = _Conn(peer, sock, last_request_end=now)
+        self._book.add(conn, now, Phase.HANDSHAKE if self.tls else Phase.HEAD)
+        self._arm(conn)
+        server = self._main
+        if verdict.decision is Decision.BUSY:
+            server = self._busy
+            line = close_line(Reason.BUSY, peer, None, now, len(self._book))
+            self._closes.note(Reason.BUSY, line)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = loop.create_task(self._set_up(conn, server))
+        conn.setup = task
+        self._setting_up.add(task)
+        task.add_done_callback(lambda t: self._set_up_done(t, conn))
+
+    def _set_up_done(self, task: asyncio.Task[None], conn: _Conn) -> None:
+        self._setting_up.discard(task)
+        if not conn.started:  # cancelled before it ran: the socket is still ours to close
+            conn.sock.close()
+        if conn.transport is None:  # never connected: no connection_lost will follow
+            self._forget(conn)
+
+    async def _set_up(self, conn: _Conn, server: web.Server) -> None:
+        conn.started = True
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:
+            return _Watch(server(), conn, self)
+
         if self._contexts is None:
             try:
-                await loop.connect_accepted_socket(server, conn)
+                await loop.connect_accepted_socket(protocol, conn.sock)
             except OSError as exc:
-                log.debug("connection from %s lost while setting up: %s", peer, exc)
-                conn.close()
+                log.debug("connection from %s lost while setting up: %s", conn.peer, exc)
+                conn.sock.close()
             return
-        attempt = Attempt(peer, conn)
+        attempt = Attempt(conn.peer, conn.sock)
         ctx = self._contexts.acquire(attempt)
+        backstop = self._deadlines.handshake_s + HANDSHAKE_BACKSTOP_S
         try:
             transport, _ = await loop.connect_accepted_socket(
-                server, conn, ssl=ctx, ssl_handshake_timeout=self._handshake_timeout_s
+                protocol, conn.sock, ssl=ctx, ssl_handshake_timeout=backstop
             )
         except (OSError, EOFError) as exc:  # ssl.SSLError is an OSError
-            self._refuse(attempt, exc)
-            conn.close()
+            if conn.closed_for is None:
+                self._refuse(attempt, exc)
+            conn.sock.close()
             return
         finally:
             self._contexts.release(ctx)
@@ -118,8 +233,72 @@ class Gate:
         reason = describe_handshake_failure(attempt.error or exc)
         log.warning("TLS handshake with %s refused: %s", attempt.peer, reason)
 
+    def connected(self, conn: _Conn, transport: asyncio.Transport) -> None:
+        """The transport is up (with TLS: the handshake succeeded)."""
+        conn.transport = transport
+        self._by_transport[transport] = conn
+        self._book.advance(conn, Phase.HEAD)
+
+    def lost(self, conn: _Conn, exc: Exception | None) -> None:
+        """The connection is gone; if the server itself ended it idle, count that."""
+        entry = self._forget(conn)
+        if entry is None or entry.phase is not Phase.AUTHENTICATED:
+            return
+        since = asyncio.get_running_loop().time() - conn.last_request_end
+        ours = exc is None and not conn.peer_ended
+        if ours and self._deadlines.closed_when_idle(
+            in_requests=conn.in_requests, since_last_request_s=since
+        ):
+            now = asyncio.get_running_loop().time()
+            self._closes.note(Reason.IDLE, close_line(Reason.IDLE, conn.peer, entry, now, 0))
+
+    def _forget(self, conn: _Conn) -> Entry | None:
+        self._disarm(conn)
+        if conn.transport is not None:
+            self._by_transport.pop(conn.transport, None)
+        return self._book.remove(conn)
+
+    def _arm(self, conn: _Conn) -> None:
+        entry = self._book.entry(conn)
+        due = None if entry is None else self._deadlines.due(entry)
+        if due is not None:
+            conn.timer = asyncio.get_running_loop().call_at(due, self._check, conn)
+
+    def _disarm(self, conn: _Conn) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+
+    def _check(self, conn: _Conn) -> None:
+        """The timer of a pending connection: close it if overdue, else wait for the next
+        deadline (its handshake ended in time; now its request head must)."""
+        conn.timer = None
+        entry = self._book.entry(conn)
+        if entry is None:
+            return
+        now = asyncio.get_running_loop().time()
+        reason = self._deadlines.overdue(entry, now)
+        if reason is None:
+            self._arm(conn)
+        else:
+            self._close(conn, reason, now)
+
+    def _close(self, conn: _Conn, reason: Reason, now: float) -> None:
+        entry = self._book.entry(conn)
+        if entry is None:
+            return
+        self._forget(conn)
+        conn.closed_for = reason
+        if conn.transport is not None:
+            conn.transport.abort()  # a hostile peer gets no TLS goodbye to wait on
+        elif conn.setup is not None:
+            conn.setup.cancel()  # mid-handshake: the loop closes the socket
+        line = close_line(reason, conn.peer, entry, now, len(self._book) + 1)
+        self._closes.note(reason, line)
+
     async def close(self) -> None:
-        """Abandon connections still being set up (shutdown)."""
+        """Abandon connections still being set up, and the gate's timers (shutdown)."""
+        self._closes.close()
         for task in list(self._setting_up):
             task.cancel()
         await asyncio.gather(*self._setting_up, return_exceptions=True)
@@ -206,51 +385,17 @@ class GatedSite(web.BaseSite):
 
 # --- assembly from the configuration --------------------------------------------------
 
-HANDSHAKE_CONTEXTS = 64  # handshakes at once that can tell a refused peer why
-CERT_WARN_BEFORE = timedelta(days=30)
 BACKLOG = 256
-
-
-def build_contexts(cfg: ServerConfig) -> ContextPool | None:
-    """The TLS contexts of all handshakes, None without TLS (blocking: reads the
-    certificate, key and CA files; call once at start-up, in a worker thread)."""
-    if cfg.tls is None:
-        return None
-    files = cfg.tls
-    return ContextPool(lambda: server_context(files, AttemptContext), HANDSHAKE_CONTEXTS)
 
 
 def build_site(runner: web.AppRunner, cfg: ServerConfig, contexts: ContextPool | None) -> GatedSite:
     """The site the server listens on: TLS if ``contexts``, and the connection limit."""
     assert runner.server is not None, "runner.setup() first"
+    closed = runner.app[METRICS].connections_closed
     gate = Gate(
         runner.server,
-        max_connections=cfg.limits.max_connections,
+        limits=cfg.limits,
         contexts=contexts,
-        handshake_timeout_s=cfg.limits.tls_handshake_timeout_s,
+        count=lambda reason: closed.labels(reason.value).inc(),
     )
     return GatedSite(runner, cfg.host, cfg.port, gate, backlog=BACKLOG)
-
-
-def describe_security(cfg: ServerConfig) -> tuple[int, str]:
-    """The start-up log line on TLS: its level and text."""
-    if cfg.tls is None:
-        return logging.WARNING, (
-            "TLS is off: plain HTTP, and the X-FL-Client header names the caller, so anyone "
-            "who can connect can act as any site or admin. For loopback demos only; "
-            "provision certificates with fl-provision and add a tls: section"
-        )
-    info = certificate_info(cfg.tls.cert)
-    text = (
-        f"mutual TLS on: presenting {info.subject} (valid until "
-        f"{info.not_after:%Y-%m-%d %H:%M} UTC); callers need certificates signed by "
-        f"{cfg.tls.ca}"
-    )
-    left = info.not_after - datetime.now(UTC)
-    if left < CERT_WARN_BEFORE:
-        state = "has EXPIRED" if left.total_seconds() <= 0 else f"expires in {left.days} days"
-        return logging.WARNING, (
-            f"{text}. The server's certificate {state}: sites will refuse it; renew it "
-            "with fl-provision (remove the server folder, run again, deploy it)"
-        )
-    return logging.INFO, text

@@ -31,6 +31,7 @@ from common.config import ServerConfig
 from common.errors import FLError
 from common.metrics import METRICS_PATH, THROUGHPUT_BUCKETS_BPS, metrics_handler, new_registry
 from common.wire import JobState, Phase, TaskState
+from fl_server.admission import Reason
 from fl_server.core.rules import is_alive
 from fl_server.core.transitions import TERMINAL_JOB_STATES, RoundState
 from fl_server.http_util import Handler
@@ -76,6 +77,17 @@ class ServerMetrics:
             ["method", "route", "status"],
             registry=r,
         )
+        self.connections_closed = Counter(
+            "fl_server_connections_closed",
+            "Connections the server closed before or between requests, by reason: "
+            "handshake_timeout, head_timeout (limits.request_head_timeout_s), idle "
+            "(limits.idle_timeout_s), evicted (not authenticated, closed for a newcomer at "
+            "limits.max_connections), busy (answered 503: every connection authenticated).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in Reason:
+            self.connections_closed.labels(reason.value)
         for what in ("model", "result"):
             self.sent_bytes.labels(what)
         self.received_bytes.labels("update")

@@ -234,7 +234,9 @@ def test_connections_beyond_the_limit_get_503_until_some_close(tls_cluster: Clus
     idle = [site1.connect() for _ in range(3)]
     try:
         for conn in idle:
-            conn.connect()  # the handshake is done: the server holds these connections
+            # one request each: authenticated keep-alive connections, which nothing evicts
+            conn.request("GET", "/v1/health")
+            assert conn.getresponse().read() == b'{"status": "ok"}'
         status, body = site1.call("GET", "/v1/health")
         assert status == 503, body
         assert body == {

@@ -351,7 +351,7 @@ def test_tls_failure_words_for_the_caller() -> None:
 def test_start_up_line_says_whether_tls_is_on_and_warns_before_expiry(pki: Path) -> None:
     import logging
 
-    from fl_server.listener import describe_security
+    from fl_server.handshake import describe_security
 
     def server(tls: TlsFiles | None) -> ServerConfig:
         return ServerConfig(workspace=Path("w"), tls=tls)
